@@ -1,0 +1,1 @@
+"""PT-RAG surfaces: the ``ptrag`` CLI, the REST API and the batch client."""

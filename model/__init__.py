@@ -1,0 +1,1 @@
+"""PT-RAG science: data, splits, simulator, networks, training and evaluation."""

@@ -1,0 +1,69 @@
+"""Atomic writes: a file or directory appears complete under its final name, or not at all.
+
+Every artifact the project writes (splits, embeddings, simulated data, index directories, checkpoints) goes
+through here, so an interrupted run never leaves a half-written file that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_dir", "atomic_path", "atomic_write_text"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary file lives in the same directory so that the final ``os.replace`` is atomic on POSIX.
+    It keeps the target's suffix because some writers (``np.savez``, ``AnnData.write_h5ad``) key on it.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{final.suffix}", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    With ``overwrite=True`` an existing directory is replaced (moved aside, then deleted after the rename);
+    otherwise an existing ``path`` is an error, raised before any work is done.
+    """
+    final = Path(path)
+    if final.exists() and not overwrite:
+        msg = f"{final} already exists; pass overwrite=True (CLI: --overwrite) or choose another path"
+        raise FileExistsError(msg)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
