@@ -211,7 +211,241 @@ def _embed_genes(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: list = [_add_run, _add_split, _add_profiles, _add_embed_genes]  # in the order shown by --help
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="retrieval index directories (FAISS index + profile store)")
+    index_sub = p.add_subparsers(dest="index_command", metavar="SUBCOMMAND", required=True)
+    _add_index_build(index_sub)
+    _add_index_info(index_sub)
+
+
+def _add_index_build(index_sub: argparse._SubParsersAction) -> None:
+    p = index_sub.add_parser("build", help="build the retrieval store of a split's training perturbations")
+    _add_data_args(p)
+    p.add_argument("--embeddings", required=True, help="gene embeddings (GenePT pickle/CSV/npz)")
+    p.add_argument("--split", required=True, help="split JSON; only its training pairs are stored")
+    p.add_argument("--out", required=True, help="index directory to create")
+    p.add_argument("--index-type", default="flat", choices=["flat", "ivf", "hnsw"])
+    p.add_argument("--n-top-genes", type=int, default=2000, help="genes kept when --data holds cells")
+    p.add_argument("--n-sample-cells", type=int, default=16, help="cells cached per profile")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
+    p.set_defaults(func=_index_build)
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    import anndata as ad
+    import numpy as np
+
+    from model.data.preprocess import prepare_expression
+    from model.data.profiles import compute_profiles
+    from model.data.reading import read_perturbseq
+    from model.data.splits import Split
+    from model.index_build import build_perturbation_index
+    from retrieval_service.embeddings import load_embeddings
+
+    kw = _data_kwargs(args)
+    split = Split.load(args.split)
+    embeddings = load_embeddings(args.embeddings)
+    adata = ad.read_h5ad(args.data, backed="r")
+    is_profiles = "ptrag_profiles" in adata.uns
+    adata.file.close()
+    if is_profiles:  # `ptrag profiles` output: use as is
+        profiles = ad.read_h5ad(args.data)
+    else:
+        cells = read_perturbseq(args.data, layer=args.layer, obsm_key=args.obsm_key, **kw)
+        cells = prepare_expression(cells, layer=args.layer, obsm_key=args.obsm_key, n_top_genes=args.n_top_genes,
+                                   pert_col=args.pert_col, control_label=args.control_label)  # fmt: skip
+        profiles = compute_profiles(cells, n_sample_cells=args.n_sample_cells, rng=np.random.default_rng(args.seed),
+                                    **kw)  # fmt: skip
+    out = build_perturbation_index(profiles, embeddings, split, args.out, index_type=args.index_type,
+                                   overwrite=args.overwrite, **kw)  # fmt: skip
+    print(f"wrote {out} (split {split.split_id}); inspect with `ptrag index info {out}`")
+    return 0
+
+
+def _add_index_info(index_sub: argparse._SubParsersAction) -> None:
+    p = index_sub.add_parser("info", help="print an index directory's manifest and verify its checksums")
+    p.add_argument("dir", metavar="DIR", help="index directory")
+    p.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256 checksums")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=_index_info)
+
+
+def _index_info(args: argparse.Namespace) -> int:
+    import json
+
+    from retrieval_service.manifest import Manifest
+
+    # StoreError is a ValueError: a corrupted or mismatched store ends as one line, exit status 2.
+    m = Manifest.load(args.dir, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(m.to_dict(), indent=2, sort_keys=True))
+    else:
+        per_type = ", ".join(f"{ct}: {n}" for ct, n in m.cell_types.items())
+        arrays = ", ".join(f"{k} {v['dtype']} {tuple(v['shape'])}" for k, v in m.arrays.items()) or "none"
+        extras = ", ".join(f"{k} {v['dtype']} {tuple(v['shape'])}" for k, v in m.extras.items()) or "none"
+        print(f"index directory  {args.dir}")
+        print(f"format           v{m.format_version}, built {m.built_at} by ptrag {m.package_version}")
+        print(f"entries          {m.n_entries} ({per_type})")
+        print(f"keys             dim {m.embedding_dim} from {m.embedding_source!r} ({m.n_genes} genes)")
+        print(f"index            {m.index_type} {m.index_params}")
+        print(f"split            {m.split_id!r}, {m.held_out_count} held-out pairs excluded")
+        print(f"arrays           {arrays}")
+        print(f"extras           {extras}")
+    verified = "sha256 verified" if not args.no_verify else "sizes checked (sha256 not verified)"
+    print(f"files            {len(m.checksums)} files, {sum(m.sizes.values()) / 1e6:.1f} MB: OK, {verified}")
+    return 0
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate", help="simulate a Perturb-seq dataset (.h5ad) and GenePT-like embeddings of its genes (.npz)"
+    )
+    p.add_argument("--out", required=True, help=".h5ad to write")
+    p.add_argument("--embeddings-out", default=None, help=".npz to write (default: <out without .h5ad>.embeddings.npz)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--preset",
+        choices=["default", "replogle"],
+        default="default",
+        help="default: 4 lines x 300 knockdowns x ~50 cells (~65k cells); replogle: 4 x 2000 x ~75 (~630k cells)",
+    )
+    g = p.add_argument_group("model (each flag overrides the preset; see model.data.simulator.SimulatorConfig)")
+    g.add_argument("--n-genes", type=int)
+    g.add_argument("--n-programs", type=int)
+    lines = g.add_mutually_exclusive_group()
+    lines.add_argument("--n-cell-lines", type=int, help="the first N of k562, rpe1, jurkat, hepg2 (then line5, ...)")
+    lines.add_argument("--cell-lines", help="comma-separated cell line names")
+    g.add_argument("--n-perturbations", type=int, help="single knockdowns per line (the pool keeps its ratio to it)")
+    g.add_argument("--perturbation-pool", type=int, dest="n_perturbation_pool", help="genes that may be knocked down")
+    g.add_argument("--n-doubles", type=int, help="A+B double knockdowns per line")
+    g.add_argument("--cells-per-perturbation", type=int)
+    g.add_argument("--n-control-cells", type=int, help="non-targeting cells per line")
+    g.add_argument("--cross-line-correlation", type=float)
+    g.add_argument("--no-effect-fraction", type=float)
+    g.add_argument("--embedding-dim", type=int)
+    g.add_argument("--embedding-snr", type=float)
+    p.add_argument("--chunk-cells", type=int, default=8192, help="cells sampled and written at a time")
+    p.add_argument("--workers", type=int, default=1, help="sampling processes (output is identical for any number)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_simulate)
+
+
+_SIMULATE_FIELDS = (
+    "n_genes",
+    "n_programs",
+    "n_perturbations",
+    "n_perturbation_pool",
+    "n_doubles",
+    "cells_per_perturbation",
+    "n_control_cells",
+    "cross_line_correlation",
+    "no_effect_fraction",
+    "embedding_dim",
+    "embedding_snr",
+)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from model.data.simulator import SimulatorConfig, default_cell_lines, describe_h5ad, simulate_to_h5ad
+
+    overrides = {k: getattr(args, k) for k in _SIMULATE_FIELDS if getattr(args, k) is not None}
+    if args.cell_lines is not None:
+        overrides["cell_lines"] = tuple(s.strip() for s in args.cell_lines.split(",") if s.strip())
+    elif args.n_cell_lines is not None:
+        overrides["cell_lines"] = default_cell_lines(args.n_cell_lines)
+    config = SimulatorConfig.preset(args.preset, **overrides)
+    out = Path(args.out)
+    emb = Path(args.embeddings_out or out.with_name(out.name.removesuffix(".h5ad") + ".embeddings.npz"))
+    start = time.perf_counter()
+    simulate_to_h5ad(
+        config,
+        out,
+        seed=args.seed,
+        chunk_cells=args.chunk_cells,
+        n_workers=args.workers,
+        embeddings_path=emb,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    elapsed = time.perf_counter() - start
+    info = describe_h5ad(out)
+    print(
+        f"simulated {info['n_cells']:,} cells x {info['n_genes']:,} genes, {len(info['cell_lines'])} cell lines "
+        f"({', '.join(info['cell_lines'])}), {info['n_perturbations']:,} perturbations, "
+        f"{1 - info['density']:.1%} zeros, in {elapsed:.1f}s (seed {args.seed})"
+    )
+    print(f"  data       -> {out} ({info['file_bytes'] / 1e6:,.1f} MB)")
+    print(f"  embeddings -> {emb} ({config.n_perturbation_pool} genes, dim {config.embedding_dim})")
+    return 0
+
+
+# in the order shown by --help
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    import dataclasses
+
+    from model.train import TrainConfig
+
+    p = sub.add_parser("train", help="train PT-RAG (or a variant); resumes from RUN_DIR/last.pt when present")
+    p.add_argument("--config", default=None, help="YAML or TOML file of TrainConfig fields")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(flag, dest=f.name, type=type(f.default), default=None, help=f"default: {f.default!r}")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import os
+
+    from model.train import TrainConfig, train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    config = TrainConfig.from_file(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    result = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
+        summary = {k: result[k] for k in ("step", "best_val", "stopped_early")}
+        print(json.dumps(summary | {"run_dir": config.run_dir}))
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="predict perturbed cells from a checkpoint; writes .h5ad")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR/best.pt or last.pt")
+    p.add_argument("--cell-type", required=True)
+    p.add_argument("--genes", required=True, help="comma-separated perturbations, A+B for a double")
+    p.add_argument("--n-cells", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--index", default=None, help="retrieval store (default: the one the checkpoint was trained on)")
+    p.add_argument("--out", required=True, help=".h5ad to write")
+    p.set_defaults(func=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from model.predict import Predictor
+    from retrieval_service.atomic import atomic_path
+
+    genes = [g.strip() for g in args.genes.split(",") if g.strip()]
+    predictor = Predictor.load(args.checkpoint, index=args.index)
+    adata = predictor.predict_anndata(args.cell_type, genes, n_cells=args.n_cells, seed=args.seed)
+    with atomic_path(args.out) as tmp:
+        adata.write_h5ad(tmp)
+    print(f"{adata.n_obs} predicted cells x {adata.n_vars} genes for {len(genes)} perturbation(s) -> {args.out}")
+    return 0
+
+
+_COMMANDS: list = [
+    _add_run, _add_simulate, _add_split, _add_profiles, _add_embed_genes, _add_index, _add_train, _add_predict,
+]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,322 @@
+"""The retrieval service over HTTP: ``uvicorn retrieval_service.app:app``.
+
+Configuration comes from the environment (``PTRAG_INDEX_DIR``, ``PTRAG_MAX_BATCH``, ``PTRAG_MAX_K``...; see
+:class:`Settings`). The store is opened in ``lifespan``, by default in a worker thread so that ``/healthz``
+answers at once and ``/readyz`` says 503 until the store is loaded (or says why it failed). Search endpoints
+are plain ``def``: FAISS and numpy block, so FastAPI runs them in its threadpool.
+
+Endpoints: ``GET /healthz``, ``GET /readyz``, ``GET /info`` (the manifest), ``GET /attrs``,
+``POST /search``, ``POST /profiles``, ``POST /entries``, ``POST /ids``, ``GET /extras/{name}``.
+Errors on user input are 4xx with an :class:`~retrieval_service.schemas.ErrorResponse` body: an unknown gene
+is 422 naming it with close matches; a batch above ``PTRAG_MAX_BATCH`` is 413.
+
+Tests swap the store through ``app.dependency_overrides[get_loaded_store]``, the settings through
+``create_app(settings)`` (or ``dependency_overrides[get_settings]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from retrieval_service.index import InvalidQueryError, UnknownGeneError
+from retrieval_service.manifest import package_version
+from retrieval_service.schemas import (
+    ArrayPayload,
+    EntriesRequest,
+    EntriesResponse,
+    ErrorResponse,
+    ExtraResponse,
+    Health,
+    IdsRequest,
+    IdsResponse,
+    ProfilesRequest,
+    ProfilesResponse,
+    Readiness,
+    SearchRequest,
+    SearchResponse,
+)
+from retrieval_service.store import Store
+
+__all__ = ["Settings", "app", "create_app", "get_loaded_store", "get_settings", "get_store"]
+
+logger = logging.getLogger(__name__)
+
+
+class Settings(BaseSettings):
+    """Service settings, read from ``PTRAG_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="PTRAG_", extra="ignore")
+
+    index_dir: Path | None = Field(None, description="Index directory to serve (PTRAG_INDEX_DIR).")
+    max_batch: int = Field(1024, ge=1, description="Most queries per /search request; more is a 413.")
+    max_k: int = Field(1024, ge=1, description="Largest k per request.")
+    max_profile_rows: int = Field(65_536, ge=1, description="Most profile rows (queries x k) per request.")
+    verify_checksums: bool = Field(default=True, description="sha256 every file at load (sizes are always checked).")
+    backend: Literal["auto", "numpy", "faiss"] = "auto"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    nprobe: int | None = Field(None, ge=1, description="Override the store's ivf nprobe.")
+    ef_search: int | None = Field(None, ge=1, description="Override the store's hnsw efSearch.")
+    load_in_background: bool = Field(default=True, description="Serve /healthz while the store loads; else fail fast.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def open_from_settings(settings: Settings) -> Store:
+    """The default loader: :meth:`Store.open` with the settings' options."""
+    return Store.open(
+        settings.index_dir,
+        verify=settings.verify_checksums,
+        backend=settings.backend,
+        device=settings.device,
+        nprobe=settings.nprobe,
+        ef_search=settings.ef_search,
+    )
+
+
+class ServiceError(Exception):
+    """An error answered with ``status`` and an :class:`ErrorResponse` body."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+# --- dependencies ------------------------------------------------------------------------------------------
+
+
+async def get_loaded_store(request: Request) -> Store | None:
+    """The store once loaded, else None. Override this one in tests to serve an in-memory store."""
+    # async (here and in get_store): trivial and non-blocking, so FastAPI runs them on the event loop instead
+    # of a threadpool round trip per request.
+    return getattr(request.app.state, "store", None)
+
+
+async def get_store(store: Annotated[Store | None, Depends(get_loaded_store)], request: Request) -> Store:
+    if store is None:
+        reason = getattr(request.app.state, "load_error", None) or "the index is still loading"
+        raise ServiceError(503, "not_ready", f"index not loaded: {reason}")
+    return store
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+# --- lifespan ----------------------------------------------------------------------------------------------
+
+
+def _settings_for(app: FastAPI) -> Settings:
+    return app.dependency_overrides.get(get_settings, get_settings)()
+
+
+def _load(app: FastAPI, settings: Settings) -> None:
+    loader: Callable[[Settings], Store] = app.state.loader
+    try:
+        app.state.store = loader(settings)
+    except Exception as err:  # reported by /readyz; the process keeps answering /healthz
+        app.state.load_error = f"{type(err).__name__}: {err}"
+        logger.exception("could not open the index %s", settings.index_dir)
+        if not settings.load_in_background:
+            raise
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings = _settings_for(app)
+    app.state.store = None
+    app.state.load_error = None
+    task = None
+    if settings.index_dir is None:
+        app.state.load_error = "no index configured: set PTRAG_INDEX_DIR"
+        logger.warning("retrieval service started without an index (PTRAG_INDEX_DIR is unset)")
+    elif settings.load_in_background:
+        task = asyncio.create_task(asyncio.to_thread(_load, app, settings))
+    else:
+        await asyncio.to_thread(_load, app, settings)
+    try:
+        yield
+    finally:
+        if task is not None and not task.done():
+            task.cancel()  # the loading thread finishes on its own; its result is dropped
+        app.state.store = None
+
+
+# --- endpoints ---------------------------------------------------------------------------------------------
+
+router = APIRouter()
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "Too many queries or profile rows."},
+    422: {"model": ErrorResponse, "description": "Unknown gene (named, with close matches) or invalid query."},
+    503: {"model": ErrorResponse, "description": "The index is not loaded (yet)."},
+}
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz() -> Health:
+    """The process is up (always 200)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", tags=["health"], response_model=Readiness, responses={503: {"model": Readiness}})
+async def readyz(request: Request, store: Annotated[Store | None, Depends(get_loaded_store)]) -> Any:
+    """200 once the store is loaded; 503 with the reason before (or when loading failed)."""
+    if store is not None:
+        return Readiness(status="ready", n_entries=len(store))
+    error = getattr(request.app.state, "load_error", None)
+    status = "loading" if error is None else ("unconfigured" if "PTRAG_INDEX_DIR" in error else "failed")
+    body = Readiness(status=status, detail=error or "the index is loading")
+    return JSONResponse(status_code=503, content=body.model_dump())
+
+
+@router.get("/info", tags=["store"], responses=_ERRORS)
+def info(store: StoreDep) -> dict[str, Any]:
+    """The store's manifest."""
+    return store.info()
+
+
+@router.get("/attrs", tags=["store"], responses=_ERRORS)
+def attrs(store: StoreDep) -> dict[str, Any]:
+    """The store's free JSON attributes (e.g. ``feature_names``)."""
+    return store.attrs
+
+
+@router.post("/search", tags=["search"], responses=_ERRORS)
+def search(body: SearchRequest, store: StoreDep, settings: SettingsDep) -> SearchResponse:
+    """Top-k entries per query (labels or vectors), with filters and optional profiles."""
+    n = body.n_queries
+    if n > settings.max_batch:
+        raise ServiceError(413, "too_large", f"{n} queries; at most {settings.max_batch} per request")
+    if body.k > settings.max_k:
+        raise ServiceError(422, "invalid_query", f"k={body.k} is above this service's limit of {settings.max_k}")
+    if body.return_profiles and n * body.k > settings.max_profile_rows:
+        detail = f"{n} queries x k={body.k} profile rows; at most {settings.max_profile_rows} per request"
+        raise ServiceError(413, "too_large", detail)
+    result = store.query(
+        k=body.k,
+        genes=body.genes,
+        vectors=np.asarray(body.vectors, dtype=np.float32) if body.vectors is not None else None,
+        exclude=body.exclude_ids,
+        cell_types=body.cell_types,
+        exclude_cell_types=body.exclude_cell_types,
+        exclude_self_cell_type=body.exclude_self_cell_type,
+        return_profiles=body.return_profiles,
+    )
+    return SearchResponse.from_arrays(
+        k=body.k,
+        queries=body.genes,
+        scores=result.scores,
+        ids=result.ids,
+        cell_types=result.cell_types,
+        labels=result.labels,
+        profiles=result.profiles,
+    )
+
+
+@router.post("/profiles", tags=["store"], responses=_ERRORS)
+def profiles(body: ProfilesRequest, store: StoreDep, settings: SettingsDep) -> ProfilesResponse:
+    """Per-entry arrays for ids (shape of ``ids`` + entry shape; ``-1`` rows are NaN or 0)."""
+    ids = np.asarray(body.ids, dtype=np.int64)
+    if ids.size > settings.max_profile_rows:
+        raise ServiceError(413, "too_large", f"{ids.size} ids; at most {settings.max_profile_rows} per request")
+    arrays = store.get(ids, body.names)
+    return ProfilesResponse(arrays={k: ArrayPayload.from_array(v) for k, v in arrays.items()})
+
+
+@router.post("/entries", tags=["store"], responses=_ERRORS)
+def entries(body: EntriesRequest, store: StoreDep) -> EntriesResponse:
+    """Cell types and labels of ids (null at ``-1``)."""
+    cts, labs = store.entries(np.asarray(body.ids, dtype=np.int64))
+    return EntriesResponse(cell_types=cts.tolist(), labels=labs.tolist())
+
+
+@router.post("/ids", tags=["store"], responses=_ERRORS)
+def ids(body: IdsRequest, store: StoreDep) -> IdsResponse:
+    """Ids of (cell type, label) pairs, -1 where absent."""
+    return IdsResponse(ids=store.ids_for(body.pairs).tolist())
+
+
+@router.get("/extras/{name}", tags=["store"], responses=_ERRORS)
+def extra(name: str, store: StoreDep) -> ExtraResponse:
+    """A per-store array and its metadata."""
+    return ExtraResponse(name=name, meta=store.extra_meta(name), array=ArrayPayload.from_array(store.extra(name)))
+
+
+# --- the app -----------------------------------------------------------------------------------------------
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities replaced by None (JSON has neither)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _error(status: int, body: ErrorResponse) -> JSONResponse:
+    return JSONResponse(status_code=status, content=body.model_dump(exclude_none=True))
+
+
+def create_app(settings: Settings | None = None, *, loader: Callable[[Settings], Store] | None = None) -> FastAPI:
+    """Build the service.
+
+    Parameters
+    ----------
+    settings
+        Fixed settings; None reads the environment (``PTRAG_*``) when the app starts.
+    loader
+        ``settings -> Store``; default :func:`open_from_settings`. Tests pass one that waits or fails.
+    """
+    app = FastAPI(
+        title="PT-RAG retrieval service",
+        version=package_version(),
+        summary="Nearest training perturbations by gene embedding, with cached profiles.",
+        lifespan=lifespan,
+    )
+    app.state.loader = loader or open_from_settings
+    if settings is not None:
+        app.dependency_overrides[get_settings] = lambda: settings
+    app.include_router(router)
+
+    @app.exception_handler(RequestValidationError)
+    def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input, and a NaN in it would make the 422 itself fail as a 500.
+        return JSONResponse(status_code=422, content={"detail": _finite(jsonable_encoder(err.errors()))})
+
+    @app.exception_handler(ServiceError)
+    def _service_error(_: Request, err: ServiceError) -> JSONResponse:
+        return _error(err.status, ErrorResponse(error=err.error, detail=err.detail))
+
+    @app.exception_handler(UnknownGeneError)
+    def _unknown_gene(_: Request, err: UnknownGeneError) -> JSONResponse:
+        body = ErrorResponse(error="unknown_gene", detail=str(err), unknown=err.genes, suggestions=err.suggestions)
+        return _error(422, body)
+
+    @app.exception_handler(InvalidQueryError)
+    def _invalid_query(_: Request, err: InvalidQueryError) -> JSONResponse:
+        return _error(422, ErrorResponse(error="invalid_query", detail=str(err)))
+
+    return app
+
+
+app = create_app()
