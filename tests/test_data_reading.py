@@ -131,7 +131,7 @@ def test_corrupt_and_missing_files(tmp_path):
     make_toy_perturbseq().write_h5ad(good)
     broken = tmp_path / "broken.h5ad"
     broken.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(PerturbDataError, match="could not read .*broken.h5ad"):
+    with pytest.raises(PerturbDataError, match=r"could not read .*broken\.h5ad"):
         read_perturbseq(broken)
     adata = read_perturbseq(good)
     assert adata.n_obs == make_toy_perturbseq().n_obs

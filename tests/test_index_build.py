@@ -17,7 +17,7 @@ from retrieval_service.store import Store, build_store
 @pytest.fixture
 def toy_parts():
     adata = make_toy_perturbseq(
-        n_genes=30, perturbations=tuple(f"GENE{i:02d}" for i in range(1, 11)) + ("GENE01+GENE02",)
+        n_genes=30, perturbations=(*tuple(f"GENE{i:02d}" for i in range(1, 11)), "GENE01+GENE02")
     )
     profiles = compute_profiles(adata, n_sample_cells=4)
     rng = np.random.default_rng(0)
@@ -59,7 +59,7 @@ def test_missing_embeddings_are_named_and_left_out(tmp_path, toy_parts):
 
 
 def test_leaky_entries_are_refused_and_nothing_is_written(tmp_path, toy_parts):
-    profiles, emb, split = toy_parts
+    _profiles, emb, split = toy_parts
     leaked = sorted(split.held_out)[0]
     vectors, _ = emb.perturbation_vectors([tuple(leaked[1].split("+"))])
     with pytest.raises(LeakageError, match="held-out"):

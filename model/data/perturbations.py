@@ -43,9 +43,7 @@ def parse_perturbations(
     labels: Iterable[str], *, control_label: str, sep: str = COMBO_SEP
 ) -> dict[str, tuple[str, ...]]:
     """Parse each distinct label once: ``{label: genes}``."""
-    return {
-        lab: parse_perturbation(lab, control_label=control_label, sep=sep) for lab in dict.fromkeys(labels)
-    }
+    return {lab: parse_perturbation(lab, control_label=control_label, sep=sep) for lab in dict.fromkeys(labels)}
 
 
 def format_perturbation(genes: Iterable[str], *, sep: str = COMBO_SEP) -> str:

@@ -115,11 +115,7 @@ def prepare_expression(
         keep = hvg["highly_variable"].to_numpy(bool)
         if keep_perturbed_genes:
             labels = out.obs[pert_col].astype(str).unique()
-            targets = {
-                g
-                for genes in parse_perturbations(labels, control_label=control_label).values()
-                for g in genes
-            }
+            targets = {g for genes in parse_perturbations(labels, control_label=control_label).values() for g in genes}
             keep |= out.var_names.isin(sorted(targets))
         out = out[:, keep].copy()
     logger.info("expression: detected %s, %d -> %d genes", scale, n_in, out.n_vars)

@@ -122,9 +122,7 @@ def compute_profiles(
     n_ref = np.bincount(ref_codes, minlength=len(cell_types))
     if (n_ref == 0).any():
         missing = [ct for ct, n in zip(cell_types, n_ref, strict=True) if n == 0]
-        msg = (
-            f"cell type(s) {missing} have no reference control cells; check control_label and reference_mask"
-        )
+        msg = f"cell type(s) {missing} have no reference control cells; check control_label and reference_mask"
         raise PerturbDataError(msg)
     if pseudobulk_input:
         ref_mean = means[[int(np.flatnonzero(group_is_control & (group_ct == ct))[0]) for ct in cell_types]]
@@ -135,13 +133,9 @@ def compute_profiles(
     keep = n_cells >= min_cells
     if not keep.all():
         dropped = [
-            f"{c}/{p} ({n} cells)"
-            for c, p, n in zip(group_ct, group_pert, n_cells, strict=True)
-            if n < min_cells
+            f"{c}/{p} ({n} cells)" for c, p, n in zip(group_ct, group_pert, n_cells, strict=True) if n < min_cells
         ]
-        warnings.warn(
-            f"dropping {len(dropped)} groups with < {min_cells} cells: {dropped[:10]}", stacklevel=2
-        )
+        warnings.warn(f"dropping {len(dropped)} groups with < {min_cells} cells: {dropped[:10]}", stacklevel=2)
 
     cells = _sample_cells(
         mat, codes, len(groups), n_sample_cells, rng=rng, pseudobulk_means=means if pseudobulk_input else None

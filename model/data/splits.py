@@ -147,9 +147,7 @@ class Split:
         return split
 
 
-def _pairs(
-    data: ad.AnnData | Iterable[Pair], *, pert_col: str, cell_type_col: str, control_label: str
-) -> list[Pair]:
+def _pairs(data: ad.AnnData | Iterable[Pair], *, pert_col: str, cell_type_col: str, control_label: str) -> list[Pair]:
     if isinstance(data, ad.AnnData):
         for col in (pert_col, cell_type_col):
             if col not in data.obs.columns:
