@@ -33,7 +33,7 @@ from model.data.splits import Split
 from model.examples import CandidateTable, CellPool, QuerySet, cell_pool, make_batch, retrieve_candidates
 from model.losses import energy_distance
 from model.nn.ptrag import PTRAG, VARIANTS, PTRAGConfig
-from retrieval_service.atomic import atomic_path, atomic_write_text
+from retrieval_service.atomic import atomic_path, atomic_write_text, remove_stale_temporaries
 from retrieval_service.store import Store
 
 __all__ = ["CKPT_KEYS", "TrainConfig", "load_checkpoint", "train"]
@@ -155,6 +155,8 @@ def train(config: TrainConfig) -> dict:
     run_dir = Path(config.run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temporaries(run_dir):
+            logger.warning("removed %s, left by an interrupted checkpoint write", stale.name)
         atomic_write_text(run_dir / "config.json", json.dumps(asdict(config), indent=1) + "\n")
 
     data = _load(config)

@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     nprobe: int | None = Field(None, ge=1, description="Override the store's ivf nprobe.")
     ef_search: int | None = Field(None, ge=1, description="Override the store's hnsw efSearch.")
     load_in_background: bool = Field(default=True, description="Serve /healthz while the store loads; else fail fast.")
+    search_threads: int | None = Field(
+        1,
+        ge=1,
+        description="BLAS and OpenMP threads per search in this process; null keeps the libraries' defaults. "
+        "One thread per request: idle BLAS threads spin after each call and, on a small machine, cost the "
+        "event loop and the next request more than a parallel scan gains; concurrent requests use the cores.",
+    )
 
 
 @lru_cache
@@ -138,11 +145,34 @@ def _load(app: FastAPI, settings: Settings) -> None:
             raise
 
 
+def _limit_threads(n: int | None) -> Callable[[], None]:
+    """Cap BLAS (via threadpoolctl, when installed) and FAISS OpenMP threads; returns the undo."""
+    if n is None:
+        return lambda: None
+    import faiss
+
+    old_omp = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # then BLAS keeps its own thread count (OPENBLAS_NUM_THREADS etc.)
+        logger.warning("threadpoolctl is not installed: BLAS threads not limited to %d", n)
+        return lambda: faiss.omp_set_num_threads(old_omp)
+    limiter = threadpool_limits(limits=n, user_api="blas")
+
+    def undo() -> None:
+        limiter.restore_original_limits()
+        faiss.omp_set_num_threads(old_omp)
+
+    return undo
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = _settings_for(app)
     app.state.store = None
     app.state.load_error = None
+    undo_threads = _limit_threads(settings.search_threads)
     task = None
     if settings.index_dir is None:
         app.state.load_error = "no index configured: set PTRAG_INDEX_DIR"
@@ -157,6 +187,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if task is not None and not task.done():
             task.cancel()  # the loading thread finishes on its own; its result is dropped
         app.state.store = None
+        undo_threads()
 
 
 # --- endpoints ---------------------------------------------------------------------------------------------

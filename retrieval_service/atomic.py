@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_path", "atomic_write_text"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write_text", "remove_stale_temporaries"]
 
 
 def _umask() -> int:
@@ -76,3 +76,19 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporaries that a killed writer left in ``directory`` (``kill -9`` runs no cleanup).
+
+    Only names this module creates (``.<name>.<random>.tmp*``) are touched; returns what was removed.
+    Call it where one process owns the directory, e.g. when a run resumes.
+    """
+    removed = []
+    for path in Path(directory).glob(".*.tmp*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

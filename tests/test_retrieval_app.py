@@ -124,6 +124,22 @@ def test_readyz_reports_load_failure(tmp_path: Path) -> None:
         assert body["detail"] == f"FileNotFoundError: index directory {tmp_path / 'missing'} does not exist"
 
 
+def test_search_threads_limited_while_serving_and_restored(store_dir: Path) -> None:
+    import faiss
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before, omp_before = blas_threads(), faiss.omp_get_max_threads()
+    with TestClient(create_app(Settings(index_dir=store_dir, search_threads=1))) as c:
+        assert c.get("/healthz").status_code == 200
+        assert set(blas_threads()) == {1}
+        assert faiss.omp_get_max_threads() == 1
+    assert blas_threads() == before
+    assert faiss.omp_get_max_threads() == omp_before
+
+
 def test_unconfigured_service_and_store_override(store: Store) -> None:
     app = create_app(Settings(index_dir=None))
     with TestClient(app) as c:

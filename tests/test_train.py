@@ -116,9 +116,8 @@ def test_resume_after_kill_9_matches_uninterrupted_run(run_dir, tmp_path):
     proc.wait(timeout=30)
     killed_at = load_checkpoint(last)["train_state"]["step"]
     assert 0 < killed_at < steps, "the kill should land mid-run; make the run longer if this fails"
+    resumed = train(cfg)  # picks up last.pt, and clears any temporary the kill left behind
     assert not [p for p in (tmp_path / "killed").iterdir() if p.name.startswith(".")], "half-written files left"
-
-    resumed = train(cfg)  # picks up last.pt
     straight = train(_config(run_dir, tmp_path / "straight", max_steps=steps, eval_every=2, patience=0))
     assert resumed["step"] == straight["step"] == steps
     _assert_same_params(tmp_path / "killed" / "last.pt", tmp_path / "straight" / "last.pt")
