@@ -388,7 +388,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     import dataclasses
 
-    from model.train import TrainConfig
+    from model.config import TrainConfig
 
     p = sub.add_parser("train", help="train PT-RAG (or a variant); resumes from RUN_DIR/last.pt when present")
     p.add_argument("--config", default=None, help="YAML or TOML file of TrainConfig fields")
@@ -406,7 +406,8 @@ def _train(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from model.train import TrainConfig, train
+    from model.config import TrainConfig
+    from model.train import train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -145,26 +145,24 @@ def _load(app: FastAPI, settings: Settings) -> None:
             raise
 
 
-def _limit_threads(n: int | None) -> Callable[[], None]:
-    """Cap BLAS (via threadpoolctl, when installed) and FAISS OpenMP threads; returns the undo."""
+def _limit_blas_threads(n: int | None) -> Callable[[], None]:
+    """Cap BLAS threads process-wide (via threadpoolctl, when installed); returns the undo."""
     if n is None:
         return lambda: None
-    import faiss
-
-    old_omp = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # then BLAS keeps its own thread count (OPENBLAS_NUM_THREADS etc.)
         logger.warning("threadpoolctl is not installed: BLAS threads not limited to %d", n)
-        return lambda: faiss.omp_set_num_threads(old_omp)
-    limiter = threadpool_limits(limits=n, user_api="blas")
+        return lambda: None
+    return threadpool_limits(limits=n, user_api="blas").restore_original_limits
 
-    def undo() -> None:
-        limiter.restore_original_limits()
-        faiss.omp_set_num_threads(old_omp)
 
-    return undo
+def _limit_omp_threads(n: int | None) -> None:
+    # OpenMP's thread count is per calling thread: set it in the worker thread that runs the FAISS search.
+    if n is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
 
 
 @asynccontextmanager
@@ -172,7 +170,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = _settings_for(app)
     app.state.store = None
     app.state.load_error = None
-    undo_threads = _limit_threads(settings.search_threads)
+    undo_threads = _limit_blas_threads(settings.search_threads)
     task = None
     if settings.index_dir is None:
         app.state.load_error = "no index configured: set PTRAG_INDEX_DIR"
@@ -240,6 +238,7 @@ def search(body: SearchRequest, store: StoreDep, settings: SettingsDep) -> Searc
     if body.return_profiles and n * body.k > settings.max_profile_rows:
         detail = f"{n} queries x k={body.k} profile rows; at most {settings.max_profile_rows} per request"
         raise ServiceError(413, "too_large", detail)
+    _limit_omp_threads(settings.search_threads)
     result = store.query(
         k=body.k,
         genes=body.genes,

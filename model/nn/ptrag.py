@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from model.config import VARIANTS
 from model.losses import combined_loss
 from model.nn.batch import Batch
 from model.nn.encoder import CellEncoder, GeneMLP
@@ -24,8 +25,6 @@ from model.nn.generator import CandidateTokens, SetGenerator
 from model.nn.refiner import Refiner, first_k, gumbel_topk
 
 __all__ = ["PTRAG", "VARIANTS", "PTRAGConfig"]
-
-VARIANTS = ("ptrag", "vanilla_rag", "no_retrieval", "random_retrieval")
 
 
 @dataclass(kw_only=True)
