@@ -186,7 +186,7 @@ def test_ptrag_learns_and_beats_control_on_held_out_sets(run_dir, tmp_path):
         target = torch.from_numpy(obs)[None]
         model_ed.append(float(energy_distance(torch.from_numpy(pred.cells)[None], target)))
         ctrl_ed.append(float(energy_distance(torch.from_numpy(pred.ctrl)[None], target)))
-    assert np.mean(model_ed) < 0.97 * np.mean(ctrl_ed), (np.mean(model_ed), np.mean(ctrl_ed))
+    assert np.mean(model_ed) < 0.9 * np.mean(ctrl_ed), (np.mean(model_ed), np.mean(ctrl_ed))
 
 
 def test_inference_is_deterministic_and_explained(run_dir, tmp_path):

@@ -92,6 +92,10 @@ class PTRAG(nn.Module):
         self.candidates = CandidateTokens(config) if uses_context else None
         self.refiner = Refiner(config) if config.variant == "ptrag" else None
         self.generator = SetGenerator(config)
+        # Copy path: the kept candidates' mean delta, scaled by a learned gain (starting at 0, so an untrained
+        # model still predicts ~control). It gives retrieval a direct route to the output that the d-wide token
+        # bottleneck would otherwise have to learn to reproduce, and it is what the refiner's choice acts on.
+        self.copy_gain = nn.Parameter(torch.zeros(())) if uses_context else None
 
     def forward(
         self,
@@ -147,7 +151,7 @@ class PTRAG(nn.Module):
             cos = torch.einsum("bke,be->bk", batch.cand_emb.float(), batch.query.float())  # (B, K)
         scores = cos
         if self.profiles is None:  # no_retrieval
-            context = selection = used = None
+            context = selection = used = copied = None
         else:
             cand = self.emb(batch.cand_emb)  # (B, K, d)
             cand_cell_type = self.cell_type(batch.cand_cell_type)  # (B, K, d)
@@ -166,8 +170,12 @@ class PTRAG(nn.Module):
                 rows = selection.sum(1, keepdim=True) / used.sum(1).clamp_min(1)[:, None, None]  # (B, 1, K)
                 used = used.any(1, keepdim=True)  # (B, 1)
             context = rows.to(tokens.dtype) @ tokens  # (B, c, d)
+            copied = rows.to(batch.cand_delta.dtype) @ batch.cand_delta  # (B, c, G)
+            copied = (copied * used[..., None]).sum(1) / used.sum(1, keepdim=True).clamp_min(1)  # (B, G)
 
         pred = batch.ctrl + self.generator(cells, query + cell_type, context, used)  # (B, S, G)
+        if self.copy_gain is not None:
+            pred = pred + self.copy_gain * copied[:, None, :]  # (B, S, G)
         info = self._explain(scores, selection, mask, tau=tau)
         loss = None
         if batch.target is not None:
