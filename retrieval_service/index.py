@@ -53,7 +53,6 @@ __all__ = [
     "InvalidQueryError",
     "RetrievalIndex",
     "UnknownGeneError",
-    "brute_force_search",
     "build_faiss_index",
     "needs_faiss",
     "parse_label",
@@ -258,40 +257,6 @@ def _to_device(index: faiss.Index, device: str) -> tuple[faiss.Index, Any]:
             raise
         logger.warning("could not clone the index to the GPU (%s); searching on CPU", err)
         return index, None
-
-
-# --- exact reference ---------------------------------------------------------------------------------------
-
-
-def brute_force_search(
-    keys: np.ndarray, queries: np.ndarray, k: int, *, valid: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner product by a full sort: the reference for tests (small inputs only).
-
-    Parameters
-    ----------
-    keys, queries
-        ``(N, d)`` and ``(n, d)`` float32.
-    valid
-        ``(n, N)`` bool, candidates each query may return; None allows all.
-
-    Returns
-    -------
-    scores, ids
-        ``(n, k)`` float32 and int64, best first, padded with ``-inf`` / ``-1``.
-    """
-    scores = np.asarray(queries, np.float32) @ np.asarray(keys, np.float32).T
-    n = scores.shape[0]
-    if valid is not None:
-        scores = np.where(valid, scores, -np.inf)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    out_s = np.full((n, k), -np.inf, np.float32)
-    out_i = np.full((n, k), -1, np.int64)
-    top = np.take_along_axis(scores, order, axis=1)
-    out_s[:, : order.shape[1]] = top
-    out_i[:, : order.shape[1]] = np.where(np.isfinite(top), order, -1)
-    out_s[out_i < 0] = -np.inf
-    return out_s, out_i
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
