@@ -33,9 +33,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     full = SimulatorConfig.replogle_scale()
     n_pert = max(10, int(full.n_perturbations * args.fraction))
-    sim = SimulatorConfig.replogle_scale(
-        n_perturbations=n_pert, n_perturbation_pool=max(n_pert + 10, int(n_pert * 1.067))
-    )
+    sim = SimulatorConfig.replogle_scale(n_perturbations=n_pert, n_perturbation_pool=n_pert)
     data, emb = work / "rn.h5ad", work / "rn.embeddings.npz"
     t0 = time.perf_counter()
     if not data.exists():
