@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -56,10 +57,17 @@ def main() -> None:
     cmd = [sys.executable, "-m", "api.cli", "train", "--no-progress", "--data", str(run / "cells.h5ad"),
            "--split", str(run / "split.json"), "--index", str(run / "index"), "--run-dir", str(work / "train"),
            "--max-steps", str(args.steps), "--eval-every", str(args.steps)]  # fmt: skip
+    shutil.rmtree(work / "train", ignore_errors=True)  # a fresh run, not a resume
+    # ru_maxrss of a child forked from this (by now large) process would count the pages it inherited before
+    # exec; a small launcher process forks the trainer instead and reports its peak.
+    launcher = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    done = subprocess.run([sys.executable, "-c", launcher, *cmd], check=True, capture_output=True, text=True)
     t_train = time.perf_counter() - t0
-    train_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    train_rss = int(done.stdout.strip().splitlines()[-1]) * 1024
 
     gib = 2**30
     lines = [
