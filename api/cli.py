@@ -427,6 +427,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-cells", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--index", default=None, help="retrieval store (default: the one the checkpoint was trained on)")
+    p.add_argument("--retrieval-url", default=None, help="a running retrieval service instead of --index")
+    p.add_argument("--embeddings", default=None, help="with --retrieval-url: the gene table the service was built from")
     p.add_argument("--out", required=True, help=".h5ad to write")
     p.set_defaults(func=_predict)
 
@@ -436,7 +438,9 @@ def _predict(args: argparse.Namespace) -> int:
     from retrieval_service.atomic import atomic_path
 
     genes = [g.strip() for g in args.genes.split(",") if g.strip()]
-    predictor = Predictor.load(args.checkpoint, index=args.index)
+    predictor = Predictor.load(
+        args.checkpoint, index=args.index, retrieval_url=args.retrieval_url, embeddings=args.embeddings
+    )
     adata = predictor.predict_anndata(args.cell_type, genes, n_cells=args.n_cells, seed=args.seed)
     with atomic_path(args.out) as tmp:
         adata.write_h5ad(tmp)

@@ -23,6 +23,8 @@ class TrainConfig:
     data: str = ""  # prepared cells .h5ad (log-normalised, the profiles' genes): `ptrag run` writes cells.h5ad
     split: str = ""  # split JSON (`ptrag split`)
     index: str = ""  # retrieval store directory (`ptrag index build`), built from the same split
+    retrieval_url: str = ""  # a running retrieval service instead of --index (then --embeddings is needed)
+    embeddings: str = ""  # with --retrieval-url: the gene embedding table the service was built from
     pert_col: str = DEFAULT_PERT_COL
     cell_type_col: str = DEFAULT_CELL_TYPE_COL
     control_label: str = DEFAULT_CONTROL_LABEL

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -20,7 +19,7 @@ from model.data.perturbations import parse_perturbation
 from model.examples import CandidateTable, retrieve_candidates
 from model.nn.batch import Batch
 from model.nn.ptrag import PTRAG, PTRAGConfig
-from model.train import CELL_TYPES, CONFIG, CONTROLS, FEATURES, MODEL, MODEL_ARGS, SPLIT_ID, load_checkpoint
+from model.train import CELL_TYPES, CONFIG, CONTROLS, FEATURES, MODEL, MODEL_ARGS, SPLIT_ID, load_checkpoint, open_store
 from retrieval_service.index import UnknownGeneError
 from retrieval_service.store import Store
 
@@ -55,15 +54,30 @@ class Predictor:
 
     @classmethod
     def load(
-        cls, checkpoint: str | os.PathLike[str], *, index: str | os.PathLike[str] | None = None, device: str = "cpu"
+        cls,
+        checkpoint: str | os.PathLike[str],
+        *,
+        index: str | os.PathLike[str] | None = None,
+        retrieval_url: str | None = None,
+        embeddings: str | os.PathLike[str] | None = None,
+        device: str = "cpu",
     ) -> Predictor:
-        """Rebuild the model from ``checkpoint``; ``index`` overrides the store path recorded in it."""
+        """Rebuild the model from ``checkpoint``.
+
+        Retrieval uses ``index`` (a store directory) or ``retrieval_url`` (a running service, with ``embeddings``,
+        the gene table it was built from); by default whatever the checkpoint was trained with.
+        """
         dev = torch.device(device)
         ckpt = load_checkpoint(checkpoint, map_location=dev)
         model = PTRAG(PTRAGConfig(**ckpt[MODEL_ARGS]))
         model.load_state_dict(ckpt[MODEL])
-        store_dir = Path(index or ckpt[CONFIG]["index"])
-        store = Store.open(store_dir)
+        cfg = ckpt[CONFIG]
+        if index is None and retrieval_url is None:
+            index, retrieval_url = cfg.get("index", ""), cfg.get("retrieval_url", "")
+        store_dir = index or retrieval_url
+        store = open_store(str(index or ""), retrieval_url=retrieval_url or "",
+                           embeddings=str(embeddings or cfg.get("embeddings", "")),
+                           control_label=cfg["control_label"])  # fmt: skip
         if store.manifest.split_id != ckpt[SPLIT_ID]:
             msg = (
                 f"store {store_dir} was built for split {store.manifest.split_id}, the checkpoint for "

@@ -160,6 +160,8 @@ def train(config: TrainConfig) -> dict:
         else:
             state.history.append(record)
     bar.close()
+    if hasattr(data.store, "close"):  # a RemoteStore's HTTP connections
+        data.store.close()
     if stopped_early:
         logger.info("stopped early at step %d: %d validations without improvement", state.step, state.bad_evals)
     if world > 1:
@@ -197,12 +199,13 @@ class _Data:
 
 
 def _load(config: TrainConfig) -> _Data:
-    for name in ("data", "split", "index"):
+    for name in ("data", "split"):
         if not getattr(config, name):
             msg = f"training needs --{name} (see `ptrag train --help`)"
             raise ValueError(msg)
     split = Split.load(config.split)
-    store = Store.open(config.index)
+    store = open_store(config.index, retrieval_url=config.retrieval_url, embeddings=config.embeddings,
+                       control_label=config.control_label)  # fmt: skip
     store.check_split(split.split_id, split.held_out)
     cells = ad.read_h5ad(config.data)
     store.check_features(map(str, cells.var_names))
@@ -222,6 +225,25 @@ def _load(config: TrainConfig) -> _Data:
     logger.info("training on %d sets, validating on %d; %d store entries", len(train_qs), len(val_qs), len(store))
     return _Data(pool=pool, table=table, train=train_qs, val=val_qs, split=split, store=store,
                  data_hash=file_fingerprint(config.data))  # fmt: skip
+
+
+def open_store(index: str, *, retrieval_url: str = "", embeddings: str = "", control_label: str) -> Store:
+    """The in-process store at ``index``, or the retrieval service at ``retrieval_url`` behind the same interface."""
+    if bool(index) == bool(retrieval_url):
+        msg = "give exactly one of --index (a store directory) and --retrieval-url (a running retrieval service)"
+        raise ValueError(msg)
+    if index:
+        return Store.open(index)
+    if not embeddings:
+        msg = "--retrieval-url needs --embeddings: the gene table the service was built from (for the key vectors)"
+        raise ValueError(msg)
+    from model.remote_store import RemoteStore
+    from retrieval_service.client import RetrievalClient
+    from retrieval_service.embeddings import load_embeddings
+
+    client = RetrievalClient(retrieval_url, timeout=60.0)
+    client.wait_ready(60)
+    return RemoteStore(client, load_embeddings(embeddings), control_label=control_label)  # type: ignore[return-value]
 
 
 def assert_no_leakage(store: Store, split: Split, *query_sets: QuerySet) -> None:
