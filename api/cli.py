@@ -140,21 +140,12 @@ def _add_profiles(sub: argparse._SubParsersAction) -> None:
 def _profiles(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from model.data.preprocess import prepare_expression
+    from model.data.preprocess import load_prepared
     from model.data.profiles import compute_profiles
-    from model.data.reading import read_perturbseq
     from retrieval_service.atomic import atomic_path
 
     kw = _data_kwargs(args)
-    adata = read_perturbseq(args.data, layer=args.layer, obsm_key=args.obsm_key, **kw)
-    adata = prepare_expression(
-        adata,
-        layer=args.layer,
-        obsm_key=args.obsm_key,
-        n_top_genes=args.n_top_genes,
-        pert_col=args.pert_col,
-        control_label=args.control_label,
-    )
+    adata = load_prepared(args.data, layer=args.layer, obsm_key=args.obsm_key, n_top_genes=args.n_top_genes, **kw)
     prof = compute_profiles(adata, n_sample_cells=args.n_sample_cells, rng=np.random.default_rng(args.seed), **kw)
     with atomic_path(args.out) as tmp:
         prof.write_h5ad(tmp)
@@ -236,9 +227,8 @@ def _index_build(args: argparse.Namespace) -> int:
     import anndata as ad
     import numpy as np
 
-    from model.data.preprocess import prepare_expression
+    from model.data.preprocess import load_prepared
     from model.data.profiles import compute_profiles
-    from model.data.reading import read_perturbseq
     from model.data.splits import Split
     from model.index_build import build_perturbation_index
     from retrieval_service.embeddings import load_embeddings
@@ -252,9 +242,7 @@ def _index_build(args: argparse.Namespace) -> int:
     if is_profiles:  # `ptrag profiles` output: use as is
         profiles = ad.read_h5ad(args.data)
     else:
-        cells = read_perturbseq(args.data, layer=args.layer, obsm_key=args.obsm_key, **kw)
-        cells = prepare_expression(cells, layer=args.layer, obsm_key=args.obsm_key, n_top_genes=args.n_top_genes,
-                                   pert_col=args.pert_col, control_label=args.control_label)  # fmt: skip
+        cells = load_prepared(args.data, layer=args.layer, obsm_key=args.obsm_key, n_top_genes=args.n_top_genes, **kw)
         profiles = compute_profiles(cells, n_sample_cells=args.n_sample_cells, rng=np.random.default_rng(args.seed),
                                     **kw)  # fmt: skip
     out = build_perturbation_index(profiles, embeddings, split, args.out, index_type=args.index_type,

@@ -17,14 +17,9 @@ import anndata as ad
 import numpy as np
 
 from model.data.perturbations import parse_perturbations
-from model.data.preprocess import prepare_expression
+from model.data.preprocess import load_prepared
 from model.data.profiles import compute_profiles
-from model.data.reading import (
-    DEFAULT_CELL_TYPE_COL,
-    DEFAULT_CONTROL_LABEL,
-    DEFAULT_PERT_COL,
-    read_perturbseq,
-)
+from model.data.reading import DEFAULT_CELL_TYPE_COL, DEFAULT_CONTROL_LABEL, DEFAULT_PERT_COL
 from model.data.splits import SPLIT_KINDS, Split, make_split
 from model.index_build import build_perturbation_index
 from retrieval_service.atomic import atomic_path, atomic_write_text
@@ -109,17 +104,10 @@ def run_main_job(config: RunConfig) -> dict:
         if cells_path.exists():
             cells = ad.read_h5ad(cells_path)
         else:
-            cells = read_perturbseq(
-                data_path, control_label=config.control_label, layer=config.layer, obsm_key=config.obsm_key, **columns
-            )
-            cells = prepare_expression(
-                cells,
-                layer=config.layer,
-                obsm_key=config.obsm_key,
-                n_top_genes=config.n_top_genes,
-                pert_col=config.pert_col,
-                control_label=config.control_label,
-            )
+            cells = load_prepared(
+                data_path, layer=config.layer, obsm_key=config.obsm_key, n_top_genes=config.n_top_genes,
+                control_label=config.control_label, **columns,
+            )  # fmt: skip
             with atomic_path(cells_path) as tmp:
                 cells.write_h5ad(tmp)
 

@@ -8,6 +8,7 @@ strongest signal is usually its own target.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Literal
 
 import anndata as ad
@@ -17,9 +18,16 @@ import scipy.sparse as sp
 
 from model.data.errors import PerturbDataError
 from model.data.perturbations import parse_perturbations
-from model.data.reading import DEFAULT_CONTROL_LABEL, DEFAULT_PERT_COL, expression_matrix, feature_names
+from model.data.reading import (
+    DEFAULT_CELL_TYPE_COL,
+    DEFAULT_CONTROL_LABEL,
+    DEFAULT_PERT_COL,
+    expression_matrix,
+    feature_names,
+    read_perturbseq,
+)
 
-__all__ = ["detect_scale", "prepare_expression"]
+__all__ = ["detect_scale", "load_prepared", "prepare_expression"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,3 +136,23 @@ def prepare_expression(
         "source": f"layers[{layer!r}]" if layer else (f"obsm[{obsm_key!r}]" if obsm_key else "X"),
     }
     return out
+
+
+def load_prepared(
+    path: str | os.PathLike[str],
+    *,
+    pert_col: str = DEFAULT_PERT_COL,
+    cell_type_col: str = DEFAULT_CELL_TYPE_COL,
+    control_label: str = DEFAULT_CONTROL_LABEL,
+    layer: str | None = None,
+    obsm_key: str | None = None,
+    n_top_genes: int | None = 2000,
+) -> ad.AnnData:
+    """:func:`model.data.reading.read_perturbseq` then :func:`prepare_expression`: the cells every command uses."""
+    adata = read_perturbseq(
+        path, pert_col=pert_col, cell_type_col=cell_type_col, control_label=control_label, layer=layer,
+        obsm_key=obsm_key,
+    )  # fmt: skip
+    return prepare_expression(
+        adata, layer=layer, obsm_key=obsm_key, n_top_genes=n_top_genes, pert_col=pert_col, control_label=control_label
+    )
