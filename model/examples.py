@@ -101,6 +101,18 @@ class CandidateTable:
     cell_type: torch.Tensor  # (N,) int64 in the model's cell-type vocabulary
     delta: torch.Tensor  # (N, G) float32
 
+    def gather(self, cand_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """The ``Batch`` candidate fields for ``cand_ids`` ``(B, K)`` (-1 = padding, zero-filled and masked)."""
+        ids = torch.from_numpy(np.asarray(cand_ids, dtype=np.int64))  # (B, K)
+        mask = ids >= 0
+        safe = ids.clamp(min=0)
+        return {
+            "cand_emb": self.keys[safe] * mask[..., None],  # (B, K, E)
+            "cand_cell_type": self.cell_type[safe],  # (B, K)
+            "cand_delta": self.delta[safe] * mask[..., None],  # (B, K, G)
+            "cand_mask": mask,
+        }
+
     @classmethod
     def from_store(cls, store: Store, cell_types: Sequence[str]) -> CandidateTable:
         vocab = {c: i for i, c in enumerate(cell_types)}
@@ -215,16 +227,10 @@ def make_batch(
     pairs = [queries.pairs[i] for i in idx]
     ctrl = _rows(pool, [pool.control_rows[c] for c, _ in pairs], n_ctrl, rngs)  # (B, S, G)
     target = None if n_target is None else _rows(pool, [pool.group_rows[p] for p in pairs], n_target, rngs)
-    ids = torch.from_numpy(queries.cand_ids[idx])  # (B, K)
-    mask = ids >= 0
-    safe = ids.clamp(min=0)
     return Batch(
         ctrl=ctrl,
         query=torch.from_numpy(queries.query[idx]),
         cell_type=torch.from_numpy(queries.cell_type[idx]),
-        cand_emb=table.keys[safe] * mask[..., None],  # (B, K, E)
-        cand_cell_type=table.cell_type[safe],  # (B, K)
-        cand_delta=table.delta[safe] * mask[..., None],  # (B, K, G)
-        cand_mask=mask,
+        **table.gather(queries.cand_ids[idx]),
         target=target,
     )

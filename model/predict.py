@@ -135,17 +135,11 @@ class Predictor:
             msg = f"perturbation(s) {dropped} have a gene without an embedding; cannot retrieve for them"
             raise KeyError(msg)
         n = len(queries)
-        ids = torch.from_numpy(queries.cand_ids)
-        mask = ids >= 0
-        safe = ids.clamp(min=0)
         batch = Batch(
             ctrl=torch.from_numpy(ctrl).expand(n, -1, -1).contiguous(),
             query=torch.from_numpy(queries.query),
             cell_type=torch.from_numpy(queries.cell_type),
-            cand_emb=self.table.keys[safe] * mask[..., None],
-            cand_cell_type=self.table.cell_type[safe],
-            cand_delta=self.table.delta[safe] * mask[..., None],
-            cand_mask=mask,
+            **self.table.gather(queries.cand_ids),
         ).to(self.device)
         with torch.no_grad():
             pred, _, info = self.model(batch, stochastic=False)
