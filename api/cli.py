@@ -414,6 +414,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--genes", required=True, help="comma-separated perturbations, A+B for a double")
     p.add_argument("--n-cells", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", default=None, help="technical batch (e.g. gem group), for a model trained with one")
     p.add_argument("--index", default=None, help="retrieval store (default: the one the checkpoint was trained on)")
     p.add_argument("--retrieval-url", default=None, help="a running retrieval service instead of --index")
     p.add_argument("--embeddings", default=None, help="with --retrieval-url: the gene table the service was built from")
@@ -429,7 +430,7 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = Predictor.load(
         args.checkpoint, index=args.index, retrieval_url=args.retrieval_url, embeddings=args.embeddings
     )
-    adata = predictor.predict_anndata(args.cell_type, genes, n_cells=args.n_cells, seed=args.seed)
+    adata = predictor.predict_anndata(args.cell_type, genes, n_cells=args.n_cells, seed=args.seed, batch=args.batch)
     with atomic_path(args.out) as tmp:
         adata.write_h5ad(tmp)
     print(f"{adata.n_obs} predicted cells x {adata.n_vars} genes for {len(genes)} perturbation(s) -> {args.out}")

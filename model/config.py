@@ -28,6 +28,8 @@ class TrainConfig:
     pert_col: str = DEFAULT_PERT_COL
     cell_type_col: str = DEFAULT_CELL_TYPE_COL
     control_label: str = DEFAULT_CONTROL_LABEL
+    batch_col: str = ""  # obs column of technical batches (e.g. gem_group): the model's optional batch input
+    batch_dropout: float = 0.2  # share of training sets given an unknown batch, so prediction without one works
     # model
     variant: str = "ptrag"  # ptrag | vanilla_rag | no_retrieval | random_retrieval
     d_model: int = 128
@@ -65,6 +67,8 @@ class TrainConfig:
         for name in ("batch_size", "n_ctrl_cells", "n_target_cells", "max_steps", "eval_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.batch_dropout <= 1.0:
+            problems.append(f"batch_dropout must be in [0, 1], got {self.batch_dropout}")
         if not 0 < self.tau_end <= self.tau_start:
             problems.append(f"need 0 < tau_end <= tau_start, got {self.tau_end}, {self.tau_start}")
         if self.lr <= 0:

@@ -25,7 +25,7 @@ from model.index_build import perturbation_keys
 from model.nn.batch import Batch
 from retrieval_service.store import Store
 
-__all__ = ["CandidateTable", "CellPool", "QuerySet", "cell_pool", "make_batch", "retrieve_candidates"]
+__all__ = ["CandidateTable", "CellPool", "QuerySet", "cell_pool", "make_batch", "retrieve_candidates", "set_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class CellPool:
     cell_types: list[str]  # the model's cell-type vocabulary, sorted; index = cell-type id
     group_rows: dict[Pair, np.ndarray]  # (cell type, perturbation) -> row indices
     control_rows: dict[str, np.ndarray]  # cell type -> row indices of its control cells
+    batches: list[str] | None = None  # technical batch names (e.g. gem groups); None: no batch information
+    batch_codes: np.ndarray | None = None  # (n_cells,) int64 index into ``batches``
 
     def cell_type_index(self, name: str) -> int:
         try:
@@ -57,11 +59,14 @@ def cell_pool(
     cell_type_col: str = DEFAULT_CELL_TYPE_COL,
     control_label: str = DEFAULT_CONTROL_LABEL,
     control_mask: np.ndarray | None = None,
+    batch_col: str | None = None,
 ) -> CellPool:
     """Index the cells of a prepared (log-normalised) AnnData by group.
 
     ``control_mask`` ``(n_obs,)`` bool restricts which control cells may be drawn as model input (the
-    evaluation keeps the other half of each cell type's controls as an unseen reference).
+    evaluation keeps the other half of each cell type's controls as an unseen reference). ``batch_col`` names
+    an ``obs`` column of technical batches (e.g. ``gem_group``): sets are then drawn within one batch, whose id
+    the model receives (see :func:`make_batch`).
     """
     X = adata.X
     # No copy when X already is float32 CSR: at Replogle-Nadig scale a copy is gigabytes.
@@ -84,12 +89,21 @@ def cell_pool(
     if empty:
         msg = f"cell type(s) {empty} have no usable control cells ({pert_col} == {control_label!r})"
         raise ValueError(msg)
+    batches = batch_codes = None
+    if batch_col:
+        if batch_col not in adata.obs.columns:
+            msg = f"batch column {batch_col!r} not in adata.obs; available columns: {list(adata.obs.columns)}"
+            raise ValueError(msg)
+        codes_b, names = pd.factorize(adata.obs[batch_col].astype(str), sort=True)
+        batches, batch_codes = [str(b) for b in names], codes_b.astype(np.int64)
     return CellPool(
         X=X,
         genes=list(map(str, adata.var_names)),
         cell_types=cell_types,
         group_rows=group_rows,
         control_rows=control_rows,
+        batches=batches,
+        batch_codes=batch_codes,
     )
 
 
@@ -207,6 +221,25 @@ def _rows(pool: CellPool, rows_per_set: list[np.ndarray], n: int, rngs: Sequence
     return torch.from_numpy(dense).view(len(rows_per_set), n, -1)
 
 
+def set_rows(
+    pool: CellPool, pair: Pair, rng: np.random.Generator, *, batch_dropout: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rows a set may draw its control and observed cells from, and its batch id (-1: unknown).
+
+    Without batch information every control cell of the cell type and every cell of the pair qualify. With it,
+    one batch holding both is drawn and both row sets are restricted to it, except for a ``batch_dropout`` share
+    of sets, which draw across batches with an unknown id, as a prediction without a batch does.
+    """
+    ctrl, target = pool.control_rows[pair[0]], pool.group_rows.get(pair, np.zeros(0, dtype=np.int64))
+    if pool.batch_codes is None:
+        return ctrl, target, -1
+    shared = np.intersect1d(pool.batch_codes[ctrl], pool.batch_codes[target]) if target.size else np.zeros(0)
+    if rng.random() < batch_dropout or shared.size == 0:
+        return ctrl, target, -1
+    b = int(rng.choice(shared))
+    return ctrl[pool.batch_codes[ctrl] == b], target[pool.batch_codes[target] == b], b
+
+
 def make_batch(
     pool: CellPool,
     queries: QuerySet,
@@ -216,21 +249,25 @@ def make_batch(
     n_ctrl: int,
     n_target: int | None,
     rngs: Sequence[np.random.Generator],
+    batch_dropout: float = 0.0,
 ) -> Batch:
     """The batch of query sets ``idx``: S = ``n_ctrl`` control cells each, T = ``n_target`` observed cells.
 
     ``rngs`` holds one generator per set, so a set's cells do not depend on which other sets share its batch
     (a batch split across data-parallel processes samples exactly what one process would).
-    ``n_target=None`` leaves ``target`` empty (inference).
+    ``n_target=None`` leaves ``target`` empty (inference). With batch information in ``pool``, each set's cells
+    come from one technical batch (see :func:`set_rows`) and ``batch_id`` carries it.
     """
     idx = np.asarray(idx, dtype=np.int64)
     pairs = [queries.pairs[i] for i in idx]
-    ctrl = _rows(pool, [pool.control_rows[c] for c, _ in pairs], n_ctrl, rngs)  # (B, S, G)
-    target = None if n_target is None else _rows(pool, [pool.group_rows[p] for p in pairs], n_target, rngs)
+    rows = [set_rows(pool, p, rng, batch_dropout=batch_dropout) for p, rng in zip(pairs, rngs, strict=True)]
+    ctrl = _rows(pool, [r[0] for r in rows], n_ctrl, rngs)  # (B, S, G)
+    target = None if n_target is None else _rows(pool, [r[1] for r in rows], n_target, rngs)
     return Batch(
         ctrl=ctrl,
         query=torch.from_numpy(queries.query[idx]),
         cell_type=torch.from_numpy(queries.cell_type[idx]),
         **table.gather(queries.cand_ids[idx]),
         target=target,
+        batch_id=None if pool.batch_codes is None else torch.tensor([r[2] for r in rows], dtype=torch.int64),
     )

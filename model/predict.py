@@ -19,7 +19,19 @@ from model.data.perturbations import parse_perturbation
 from model.examples import CandidateTable, retrieve_candidates
 from model.nn.batch import Batch
 from model.nn.ptrag import PTRAG, PTRAGConfig
-from model.train import CELL_TYPES, CONFIG, CONTROLS, FEATURES, MODEL, MODEL_ARGS, SPLIT_ID, load_checkpoint, open_store
+from model.train import (
+    BATCHES,
+    CELL_TYPES,
+    CONFIG,
+    CONTROL_BATCHES,
+    CONTROLS,
+    FEATURES,
+    MODEL,
+    MODEL_ARGS,
+    SPLIT_ID,
+    load_checkpoint,
+    open_store,
+)
 from retrieval_service.index import UnknownGeneError
 from retrieval_service.store import Store
 
@@ -49,6 +61,8 @@ class Predictor:
         self.genes: list[str] = list(ckpt[FEATURES])
         self.cell_types: list[str] = list(ckpt[CELL_TYPES])
         self.controls: dict[str, np.ndarray] = {k: v.numpy() for k, v in ckpt[CONTROLS].items()}
+        self.batches: list[str] = list(ckpt[BATCHES])  # empty: the model takes no batch input
+        self.control_batches: dict[str, np.ndarray] = {k: v.numpy() for k, v in ckpt[CONTROL_BATCHES].items()}
         self.config: dict = ckpt[CONFIG]
         self.table = CandidateTable.from_store(store, self.cell_types)
 
@@ -95,12 +109,14 @@ class Predictor:
         n_cells: int = 64,
         seed: int = 0,
         ctrl: np.ndarray | None = None,
+        batch: str | None = None,
     ) -> list[Prediction]:
         """Predicted cells for each perturbation in ``cell_type``.
 
         ``ctrl`` ``(S, G)`` gives the control cells to perturb; by default ``n_cells`` are drawn (seeded) from the
         checkpoint's cached controls of ``cell_type``. The query's own (cell type, perturbation) entry is
-        excluded from retrieval, as in training.
+        excluded from retrieval, as in training. ``batch`` names a technical batch the model was trained with
+        (``batch_col``); the default control cells then come from that batch, and the model is told it.
         """
         if cell_type not in self.controls:
             msg = f"unknown cell type {cell_type!r}; the model knows {sorted(self.controls)}"
@@ -108,8 +124,20 @@ class Predictor:
         if not perturbations:
             msg = "no perturbations given"
             raise ValueError(msg)
+        batch_code = -1
+        if batch is not None:
+            if batch not in self.batches:
+                known = self.batches[:20] or "none: the model was trained without batch_col"
+                msg = f"unknown batch {batch!r}; the model knows {known}"
+                raise KeyError(msg)
+            batch_code = self.batches.index(batch)
         if ctrl is None:
             pool_cells = self.controls[cell_type]
+            if batch_code >= 0:
+                pool_cells = pool_cells[self.control_batches[cell_type] == batch_code]
+                if not len(pool_cells):
+                    msg = f"no cached control cells of cell type {cell_type!r} in batch {batch!r}; pass ctrl="
+                    raise ValueError(msg)
             rng = np.random.default_rng(seed)
             ctrl = pool_cells[rng.choice(len(pool_cells), size=n_cells, replace=len(pool_cells) < n_cells)]
         ctrl = np.asarray(ctrl, dtype=np.float32)
@@ -140,6 +168,7 @@ class Predictor:
             query=torch.from_numpy(queries.query),
             cell_type=torch.from_numpy(queries.cell_type),
             **self.table.gather(queries.cand_ids),
+            batch_id=torch.full((n,), batch_code, dtype=torch.int64) if self.batches else None,
         ).to(self.device)
         with torch.no_grad():
             pred, _, info = self.model(batch, stochastic=False)
@@ -160,11 +189,11 @@ class Predictor:
         return out
 
     def predict_anndata(
-        self, cell_type: str, perturbations: list[str], *, n_cells: int = 64, seed: int = 0
+        self, cell_type: str, perturbations: list[str], *, n_cells: int = 64, seed: int = 0, batch: str | None = None
     ) -> ad.AnnData:
         """Predicted cells as AnnData: ``obs`` gene / cell type columns named as in training, one block per
         perturbation; ``uns['ptrag_candidates'][perturbation]`` holds the candidates with their weights."""
-        preds = self.predict(cell_type, perturbations, n_cells=n_cells, seed=seed)
+        preds = self.predict(cell_type, perturbations, n_cells=n_cells, seed=seed, batch=batch)
         pert_col, ct_col = self.config["pert_col"], self.config["cell_type_col"]
         obs = pd.DataFrame({
             pert_col: np.repeat([p.perturbation for p in preds], n_cells),
@@ -175,6 +204,6 @@ class Predictor:
         adata.uns["ptrag_candidates"] = {
             p.perturbation: {c: p.candidates[c].to_numpy() for c in p.candidates.columns} for p in preds
         }
-        adata.uns["ptrag_predict"] = {"cell_type": cell_type, "n_cells": n_cells, "seed": seed,
+        adata.uns["ptrag_predict"] = {"cell_type": cell_type, "n_cells": n_cells, "seed": seed, "batch": batch or "",
                                       "variant": self.model.config.variant}  # fmt: skip
         return adata

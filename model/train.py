@@ -41,9 +41,9 @@ logger = logging.getLogger(__name__)
 # Checkpoint keys (a checkpoint is a plain dict, torch.save'd atomically).
 MODEL, OPTIMIZER, MODEL_ARGS, TRAIN_STATE, CONFIG = "model", "optimizer", "model_args", "train_state", "config"
 SPLIT_ID, FEATURES, CELL_TYPES, EMBEDDINGS, VERSION = "split_id", "feature_names", "cell_types", "embeddings", "version"
-DATA_HASH, CONTROLS = "data_hash", "control_cells"
+DATA_HASH, CONTROLS, BATCHES, CONTROL_BATCHES = "data_hash", "control_cells", "batches", "control_batches"
 CKPT_KEYS = (MODEL, OPTIMIZER, MODEL_ARGS, TRAIN_STATE, CONFIG, SPLIT_ID, FEATURES, CELL_TYPES, EMBEDDINGS, VERSION,
-             DATA_HASH, CONTROLS)  # fmt: skip
+             DATA_HASH, CONTROLS, BATCHES, CONTROL_BATCHES)  # fmt: skip
 _VAL_STREAM = 10**9  # validation draws use their own seed stream, disjoint from the steps'
 _N_CACHED_CONTROLS = 512  # control cells per cell type kept in the checkpoint for prediction and serving
 
@@ -90,6 +90,7 @@ def train(config: TrainConfig) -> dict:
         energy_weight=config.energy_weight,
         mmd_weight=config.mmd_weight,
         mse_weight=config.mse_weight,
+        n_batches=len(data.pool.batches or ()),
     )
     torch.manual_seed(config.seed)
     model = PTRAG(model_args).to(device)
@@ -123,7 +124,8 @@ def train(config: TrainConfig) -> dict:
         mine = slice(rank * local, (rank + 1) * local)
         rngs = [np.random.default_rng([config.seed, step, j]) for j in range(config.batch_size)][mine]
         batch = make_batch(data.pool, data.train, data.table, idx[mine], n_ctrl=config.n_ctrl_cells,
-                           n_target=config.n_target_cells, rngs=rngs).to(device)  # fmt: skip
+                           n_target=config.n_target_cells, rngs=rngs, batch_dropout=config.batch_dropout,
+                           ).to(device)  # fmt: skip
         noise = _gumbel_noise(config, step, mine, batch.cand_mask.shape[1]).to(device)
         torch.manual_seed(config.seed * 1_000_003 + step)  # dropout, the same on resume
         model.train()
@@ -210,7 +212,7 @@ def _load(config: TrainConfig) -> _Data:
     cells = ad.read_h5ad(config.data)
     store.check_features(map(str, cells.var_names))
     pool = cell_pool(cells, pert_col=config.pert_col, cell_type_col=config.cell_type_col,
-                     control_label=config.control_label)  # fmt: skip
+                     control_label=config.control_label, batch_col=config.batch_col or None)  # fmt: skip
     table = CandidateTable.from_store(store, pool.cell_types)
     random = config.variant == "random_retrieval"
     common = {"cell_types": pool.cell_types, "k": config.n_candidates, "random_candidates": random,
@@ -349,10 +351,12 @@ def _checkpoint(model: PTRAG, optimizer: torch.optim.Optimizer, model_args: PTRA
     except PackageNotFoundError:
         pkg_version = "unknown"
     rng = np.random.default_rng([config.seed, 3])
-    controls = {}
+    controls, control_batches = {}, {}
     for ct, rows in data.pool.control_rows.items():
         pick = np.sort(rng.choice(rows, size=min(rows.size, _N_CACHED_CONTROLS), replace=False))
         controls[ct] = torch.from_numpy(data.pool.X[pick].toarray())
+        codes = data.pool.batch_codes
+        control_batches[ct] = torch.from_numpy(codes[pick]) if codes is not None else torch.full((pick.size,), -1)
     return {
         MODEL: model.state_dict(),
         OPTIMIZER: optimizer.state_dict(),
@@ -366,6 +370,8 @@ def _checkpoint(model: PTRAG, optimizer: torch.optim.Optimizer, model_args: PTRA
         VERSION: pkg_version,
         DATA_HASH: data.data_hash,
         CONTROLS: controls,
+        BATCHES: list(data.pool.batches or ()),
+        CONTROL_BATCHES: control_batches,
     }
 
 
@@ -395,7 +401,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
 def _check_resumable(ckpt: dict, config: TrainConfig, data: _Data) -> None:
     """A run directory resumes only the run it holds: same model, split and data."""
     saved = ckpt[CONFIG]
-    fixed = ("variant", "d_model", "n_layers", "n_heads", "n_candidates", "n_select", "seed", "batch_size")
+    fixed = ("variant", "d_model", "n_layers", "n_heads", "n_candidates", "n_select", "seed", "batch_size", "batch_col")
     changed = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in fixed if saved.get(k) != getattr(config, k)]
     if ckpt[SPLIT_ID] != data.split.split_id:
         changed.append(f"split: {ckpt[SPLIT_ID]} -> {data.split.split_id}")

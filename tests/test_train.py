@@ -228,3 +228,41 @@ def test_no_held_out_pair_is_ever_a_candidate(run_dir, tmp_path):
             # The query's own entry is never among its candidates.
             own = store.ids_for(qs.pairs)
             assert not (qs.cand_ids == own[:, None]).any()
+
+
+def test_optional_batch_input(run_dir, tmp_path):
+    import anndata as ad
+
+    from model.examples import cell_pool, set_rows
+
+    cells = ad.read_h5ad(run_dir / "cells.h5ad")
+    pool = cell_pool(cells, batch_col="gem_group")
+    split = Split.load(run_dir / "split.json")
+    rng = np.random.default_rng(0)
+    ids = []
+    for pair in split.train[:30]:
+        ctrl, target, b = set_rows(pool, pair, rng)
+        assert b >= 0
+        assert set(pool.batch_codes[ctrl]) == {b} and set(pool.batch_codes[target]) == {b}
+        ids.append(b)
+    assert len(set(ids)) > 1  # sets are spread over batches
+    dropped = [set_rows(pool, pair, rng, batch_dropout=1.0)[2] for pair in split.train[:5]]
+    assert dropped == [-1] * 5
+
+    train(_config(run_dir, tmp_path / "b", max_steps=3, batch_col="gem_group"))
+    predictor = Predictor.load(tmp_path / "b" / "last.pt")
+    assert predictor.batches == pool.batches and predictor.model.config.n_batches == len(pool.batches)
+    gene = split.test[0][1]
+    batch = pool.batches[0]
+    with_batch = predictor.predict("rpe1", [gene], n_cells=8, batch=batch)[0]
+    again = predictor.predict("rpe1", [gene], n_cells=8, batch=batch)[0]
+    np.testing.assert_array_equal(with_batch.cells, again.cells)
+    # Control cells come from that batch: each is one of the cached controls of that batch.
+    cached = predictor.controls["rpe1"][predictor.control_batches["rpe1"] == 0]
+    assert all(np.isclose(cached, c).all(axis=1).any() for c in with_batch.ctrl)
+    # The batch embedding reaches the output: same controls, known vs unknown batch, different prediction.
+    unknown = predictor.predict("rpe1", [gene], ctrl=with_batch.ctrl)[0]
+    known = predictor.predict("rpe1", [gene], ctrl=with_batch.ctrl, batch=batch)[0]
+    assert not np.allclose(unknown.cells, known.cells)
+    with pytest.raises(KeyError, match="unknown batch 'nope'"):
+        predictor.predict("rpe1", [gene], batch="nope")

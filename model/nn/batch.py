@@ -33,6 +33,8 @@ class Batch:
         first; padded ones are never selected and never weighted.
     target
         (B, T, G) float32 observed perturbed cells, or None at inference. T may differ from S.
+    batch_id
+        (B,) int64 technical batch (e.g. gem group) the set's cells come from, -1 where unknown; or None.
     """
 
     ctrl: Tensor
@@ -43,6 +45,7 @@ class Batch:
     cand_delta: Tensor
     cand_mask: Tensor
     target: Tensor | None = None
+    batch_id: Tensor | None = None
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
         """A copy with every tensor on ``device`` (``non_blocking`` pairs with pinned host memory)."""
@@ -75,6 +78,10 @@ class Batch:
         for name in ("cell_type", "cand_cell_type"):
             assert getattr(self, name).dtype == torch.int64, f"{name} must be int64, got {getattr(self, name).dtype}"
         assert self.cand_mask.dtype == torch.bool, f"cand_mask must be bool, got {self.cand_mask.dtype}"
+        if self.batch_id is not None:
+            assert tuple(self.batch_id.shape) == (B,) and self.batch_id.dtype == torch.int64, (
+                f"batch_id must be int64 (B={B},), got {self.batch_id.dtype} {tuple(self.batch_id.shape)}"
+            )
         if self.target is not None:
             assert self.target.dim() == 3 and self.target.shape[0] == B and self.target.shape[2] == G, (
                 f"target must be (B={B}, T, G={G}), got {tuple(self.target.shape)}"

@@ -48,12 +48,16 @@ class PTRAGConfig:
     mmd_weight: float = 0.0
     mse_weight: float = 0.0
     head_init_std: float = 1e-3  # output projection init: small, so an untrained model predicts ~control
+    n_batches: int = 0  # rows of the technical-batch embedding (e.g. gem groups); 0: no batch input
 
     def __post_init__(self) -> None:
         for name in ("n_genes", "emb_dim", "n_cell_types", "d_model", "n_layers", "n_heads", "mlp_ratio"):
             if getattr(self, name) < 1:
                 msg = f"{name} must be >= 1, got {getattr(self, name)}"
                 raise ValueError(msg)
+        if self.n_batches < 0:
+            msg = f"n_batches must be >= 0, got {self.n_batches}"
+            raise ValueError(msg)
         if self.d_model % self.n_heads:
             msg = f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             raise ValueError(msg)
@@ -88,6 +92,7 @@ class PTRAG(nn.Module):
         self.cells = CellEncoder(config)
         self.emb = nn.Linear(config.emb_dim, d)  # query and candidates live in one embedding space: one projection
         self.cell_type = nn.Embedding(config.n_cell_types, d)
+        self.batch = nn.Embedding(config.n_batches, d) if config.n_batches else None
         self.profiles = GeneMLP(config) if uses_context else None  # candidate delta -> d
         self.candidates = CandidateTokens(config) if uses_context else None
         self.refiner = Refiner(config) if config.variant == "ptrag" else None
@@ -173,7 +178,11 @@ class PTRAG(nn.Module):
             copied = rows.to(batch.cand_delta.dtype) @ batch.cand_delta  # (B, c, G)
             copied = (copied * used[..., None]).sum(1) / used.sum(1, keepdim=True).clamp_min(1)  # (B, G)
 
-        pred = batch.ctrl + self.generator(cells, query + cell_type, context, used)  # (B, S, G)
+        cond = query + cell_type  # (B, d): the query token
+        if self.batch is not None and batch.batch_id is not None:
+            known = (batch.batch_id >= 0).unsqueeze(-1)  # (B, 1); -1 = unknown batch, no embedding added
+            cond = cond + self.batch(batch.batch_id.clamp(min=0)) * known
+        pred = batch.ctrl + self.generator(cells, cond, context, used)  # (B, S, G)
         if self.copy_gain is not None:
             pred = pred + self.copy_gain * copied[:, None, :]  # (B, S, G)
         info = self._explain(scores, selection, mask, tau=tau)
