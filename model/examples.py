@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from model.data.perturbations import parse_perturbation
+from model.data.profiles import group_members
 from model.data.reading import DEFAULT_CELL_TYPE_COL, DEFAULT_CONTROL_LABEL, DEFAULT_PERT_COL
 from model.index_build import perturbation_keys
 from model.nn.batch import Batch
@@ -77,9 +78,8 @@ def cell_pool(
     ct = adata.obs[cell_type_col].astype(str).to_numpy()
     pert = adata.obs[pert_col].astype(str).to_numpy()
     codes, groups = pd.factorize(pd.MultiIndex.from_arrays([ct, pert]), sort=True)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=len(groups)))])
-    group_rows = {(str(c), str(p)): order[bounds[g] : bounds[g + 1]] for g, (c, p) in enumerate(groups)}
+    members = group_members(codes, len(groups))
+    group_rows = {(str(c), str(p)): rows for (c, p), rows in zip(groups, members, strict=True)}
     is_ctrl = pert == control_label
     if control_mask is not None:
         is_ctrl &= np.asarray(control_mask, bool)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,31 +101,22 @@ def run_main_job(config: RunConfig) -> dict:
 
     with _Step(timings, "data"):
         data_path, emb_path = _dataset(config, out)
-        cells_path = out / "cells.h5ad"
-        if cells_path.exists():
-            cells = ad.read_h5ad(cells_path)
-        else:
-            cells = load_prepared(
+        cells = _cached_h5ad(
+            out / "cells.h5ad",
+            lambda: load_prepared(
                 data_path, layer=config.layer, obsm_key=config.obsm_key, n_top_genes=config.n_top_genes,
                 control_label=config.control_label, **columns,
-            )  # fmt: skip
-            with atomic_path(cells_path) as tmp:
-                cells.write_h5ad(tmp)
+            ),
+        )  # fmt: skip
 
     with _Step(timings, "profiles"):
-        profiles_path = out / "profiles.h5ad"
-        if profiles_path.exists():
-            profiles = ad.read_h5ad(profiles_path)
-        else:
-            profiles = compute_profiles(
-                cells,
-                control_label=config.control_label,
-                n_sample_cells=config.n_sample_cells,
-                rng=np.random.default_rng(config.seed),
-                **columns,
-            )
-            with atomic_path(profiles_path) as tmp:
-                profiles.write_h5ad(tmp)
+        profiles = _cached_h5ad(
+            out / "profiles.h5ad",
+            lambda: compute_profiles(
+                cells, control_label=config.control_label, n_sample_cells=config.n_sample_cells,
+                rng=np.random.default_rng(config.seed), **columns,
+            ),
+        )  # fmt: skip
 
     with _Step(timings, "split"):
         split_path = out / "split.json"
@@ -161,6 +153,16 @@ def run_main_job(config: RunConfig) -> dict:
     summary = _summary(config, cells, profiles, split, embeddings, coverage, timings)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary
+
+
+def _cached_h5ad(path: Path, make: Callable[[], ad.AnnData]) -> ad.AnnData:
+    """The AnnData at ``path`` if a previous run wrote it, else ``make()`` written there atomically."""
+    if path.exists():
+        return ad.read_h5ad(path)
+    adata = make()
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
+    return adata
 
 
 def _dataset(config: RunConfig, out: Path) -> tuple[Path, Path]:

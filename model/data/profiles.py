@@ -24,7 +24,7 @@ from model.data.reading import (
     feature_names,
 )
 
-__all__ = ["compute_profiles", "group_means"]
+__all__ = ["compute_profiles", "group_means", "group_members"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,13 @@ def group_means(mat: np.ndarray | sp.spmatrix, codes: np.ndarray, n_groups: int)
     out = indicator @ mat
     out = out.toarray() if sp.issparse(out) else np.asarray(out)
     return out.astype(np.float32, copy=False)
+
+
+def group_members(codes: np.ndarray, n_groups: int) -> list[np.ndarray]:
+    """Row indices of each group, in row order: one stable sort instead of a mask per group."""
+    order = np.argsort(codes, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=n_groups))])
+    return [order[bounds[g] : bounds[g + 1]] for g in range(n_groups)]
 
 
 def compute_profiles(
@@ -189,11 +196,8 @@ def _sample_cells(
     if pseudobulk_means is not None:
         # No single cells exist: the sample is the group's mean repeated (a point mass).
         return np.repeat(pseudobulk_means[:, None, :], n_sample, axis=1)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=n_groups))])
     picks = np.empty((n_groups, n_sample), dtype=np.int64)
-    for g in range(n_groups):
-        members = order[bounds[g] : bounds[g + 1]]
+    for g, members in enumerate(group_members(codes, n_groups)):
         picks[g] = rng.choice(members, size=n_sample, replace=len(members) < n_sample)
     flat = picks.ravel()
     # Row gathers on CSR are fastest in sorted order; undo the sort afterwards.
