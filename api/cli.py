@@ -67,6 +67,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--target-cell-type", default=None, help="target of the cell-type protocols (default rpe1 when simulated)"
     )
     p.add_argument("--n-top-genes", type=int, default=2000)
+    p.add_argument("--train-steps", type=int, default=300, help="training steps of the serving model")
+    p.add_argument("--stop-after", default="benchmark", choices=["index", "train", "benchmark"],
+                   help="last step: index (data only), train (plus the serving model), benchmark (all)")  # fmt: skip
+    p.add_argument("--no-benchmark", dest="stop_after", action="store_const", const="train",
+                   help="same as --stop-after train: the data, index and serving model, no benchmark")  # fmt: skip
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="benchmark seeds")
+    p.add_argument("--bench-steps", type=int, default=150, help="training steps per neural model in the benchmark")
+    p.add_argument("--models", nargs="+", default=None, help="models to benchmark (default: all)")
     p.set_defaults(func=_run)
 
 
@@ -85,12 +93,121 @@ def _run(args: argparse.Namespace) -> int:
         n_top_genes=args.n_top_genes,
         split_kind=args.split_kind,
         target_cell_type=args.target_cell_type,
+        train_steps=args.train_steps,
+        stop_after=args.stop_after,
+        bench_seeds=tuple(args.seeds),
+        bench_steps=args.bench_steps,
+        bench_models=tuple(args.models or ()),
+        command=_command_line(),
         **_data_kwargs(args),
     )
     summary = run_main_job(config)
     print(json.dumps(summary, indent=1))
-    print(f"artifacts in {config.out}/ (summary.json, split.json, profiles.h5ad)")
+    print(f"artifacts in {config.out}/ (summary.json, split.json, profiles.h5ad, index/)")
+    if summary["checkpoint"]:
+        print(f"serving model: {summary['checkpoint']}")
+    if summary["report"]:
+        _print_report(summary["report"])
     return 0
+
+
+def _command_line() -> str:
+    import shlex
+    from pathlib import Path
+
+    return shlex.join(["ptrag", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ptrag" else shlex.join(sys.argv)
+
+
+def _print_report(report: str) -> None:
+    """The report's main table and where its plots are."""
+    from pathlib import Path
+
+    lines = Path(report).read_text(encoding="utf-8").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    print("\n".join(lines[start:end]))  # the first table: the main one
+    print(f"report: {report}; plots: {', '.join(str(p) for p in sorted(Path(report).parent.glob('*.png')))}")
+
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    from model.baselines import BASELINES
+    from model.config import VARIANTS
+
+    models = (*VARIANTS, *BASELINES)
+    p = sub.add_parser("benchmark", help="train and score every model on one split for several seeds -> report")
+    _add_data_args(p)
+    p.add_argument("--embeddings", required=True, help="gene embeddings (GenePT pickle/CSV/npz)")
+    p.add_argument("--out", required=True, help="benchmark directory (resumes: finished model x seed runs are kept)")
+    p.add_argument("--split", dest="split_kind", default="fewshot_celltype",
+                   choices=["fewshot_celltype", "unseen_perturbation", "zeroshot_celltype"])  # fmt: skip
+    p.add_argument("--target-cell-type", default=None, help="target of the cell-type protocols")
+    p.add_argument("--cell-types", nargs="+", default=(), help="restrict the benchmark to these cell types")
+    p.add_argument("--test-frac", type=float, default=0.3)
+    p.add_argument("--val-frac", type=float, default=0.05)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--models", nargs="+", default=list(models), choices=models, metavar="MODEL",
+                   help=f"models to run (default all): {' '.join(models)}")  # fmt: skip
+    p.add_argument("--steps", type=int, default=300, help="training steps per neural model")
+    p.add_argument("--train-config", default=None, help="YAML/TOML of TrainConfig fields for the neural models")
+    p.add_argument("--max-pred-cells", type=int, default=256)
+    p.add_argument("--n-top-genes", type=int, default=2000, help="HVGs when --data holds raw counts")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_benchmark)
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from model.eval.benchmark import BenchmarkConfig, run_benchmark, write_benchmark_report
+
+    train: dict = {}
+    if args.train_config:
+        import tomllib
+
+        import yaml
+
+        text = Path(args.train_config).read_text(encoding="utf-8")
+        train = tomllib.loads(text) if args.train_config.endswith(".toml") else (yaml.safe_load(text) or {})
+    data = Path(args.data)
+    out = Path(args.out)
+    if args.layer or args.obsm_key or not _is_prepared(data):
+        data = _prepare_for_benchmark(args, out)
+    config = BenchmarkConfig(
+        out=out, data=data, embeddings=args.embeddings, split_kind=args.split_kind,
+        target_cell_type=args.target_cell_type, cell_types=tuple(args.cell_types), test_frac=args.test_frac,
+        val_frac=args.val_frac, seeds=tuple(args.seeds), models=tuple(args.models), steps=args.steps, train=train,
+        max_pred_cells=args.max_pred_cells, progress=args.progress, command=_command_line(), **_data_kwargs(args),
+    )  # fmt: skip
+    report = write_benchmark_report(config, run_benchmark(config))
+    _print_report(str(report))
+    return 0
+
+
+def _is_prepared(path) -> bool:
+    """Whether ``path`` is cells this package prepared (``ptrag run`` writes them): then they are used as is."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "uns" in f and "ptrag_preprocess" in f["uns"]
+    except OSError as err:
+        msg = f"cannot read {path} as .h5ad ({err})"
+        raise CLIError(msg) from err
+
+
+def _prepare_for_benchmark(args: argparse.Namespace, out) -> object:
+    """Read and prepare a user's Perturb-seq file once into ``out/prepared.h5ad`` (log-normalised, HVGs)."""
+    from model.data.preprocess import load_prepared
+    from retrieval_service.atomic import atomic_path
+
+    path = out / "prepared.h5ad"
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        cells = load_prepared(args.data, layer=args.layer, obsm_key=args.obsm_key, n_top_genes=args.n_top_genes,
+                              **_data_kwargs(args))  # fmt: skip
+        with atomic_path(path) as tmp:
+            cells.write_h5ad(tmp)
+    return path
 
 
 def _add_split(sub: argparse._SubParsersAction) -> None:
@@ -437,8 +554,97 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve POST /predict over HTTP (uvicorn); more settings from PTRAG_* variables")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR/best.pt or last.pt")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--index", default=None, help="retrieval store (default: the one the checkpoint was trained on)")
+    where.add_argument("--retrieval-url", default=None, help="a running retrieval service instead of --index")
+    p.add_argument("--embeddings", default=None, help="with --retrieval-url: the gene table the service was built from")
+    p.add_argument("--aliases", default=None, help="gene alias map {old: new} (JSON/CSV/TSV) for request genes")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Flags become the app's settings; the rest (PTRAG_API_KEY, limits, batching) comes from the environment."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from api.app import Settings, create_app
+
+    if not Path(args.checkpoint).is_file():
+        msg = f"no checkpoint at {args.checkpoint}"
+        raise CLIError(msg)
+    flags = {"checkpoint": args.checkpoint, "index_dir": args.index, "retrieval_url": args.retrieval_url,
+             "embeddings": args.embeddings, "aliases": args.aliases, "device": args.device}  # fmt: skip
+    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    # The app writes one JSON access-log line per request itself: uvicorn's own access log would repeat it.
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False,
+                log_level="debug" if args.verbose else "info")  # fmt: skip
+    return 0
+
+
+def _add_batch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "batch", help="predict many rows against a running predict API (resumable) -> .h5ad + summary.csv"
+    )
+    p.add_argument("input", metavar="INPUT", help="CSV/TSV of cell_type,perturbation[,n_cells], or one gene per line")
+    p.add_argument("--url", required=True, help="predict API base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--out", required=True, help="output directory (rerun with the same one to resume)")
+    p.add_argument("--cell-type", default=None, help="cell type of every row (a gene list needs it)")
+    p.add_argument("--n-cells", type=int, default=64, help="predicted cells per row without an n_cells column")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    p.add_argument("--retries", type=int, default=5, help="retries on 5xx, 429 and connection errors (not on 4xx)")
+    p.add_argument("--backoff", type=float, default=0.5, help="seconds before the first retry; doubles after each")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--api-key", default=None, help="bearer token (default: $PTRAG_API_KEY)")
+    p.add_argument("--seed", type=int, default=0, help="seed of each request's control-cell draw")
+    p.add_argument("--top-n", type=int, default=20, help="top up/down genes per row in the response")
+    p.add_argument("--col-cell-type", default="cell_type", help="input column with the cell type")
+    p.add_argument("--col-perturbation", default="perturbation", help="input column with the perturbation (A+B)")
+    p.add_argument("--col-n-cells", default="n_cells", help="optional input column with cells per row")
+    p.add_argument("--pert-col", default=None, help="obs column of the perturbation in the .h5ad (default gene)")
+    p.add_argument("--cell-type-col", default=None, help="obs column of the cell type in the .h5ad (default cell_line)")
+    p.add_argument("--control-label", default=None, help="label of the control cells (default non-targeting)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_batch)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    import os
+
+    import httpx
+
+    from api.batch_client import read_rows, run_batch
+
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # not a line per row
+    rows = read_rows(args.input, cell_type=args.cell_type, n_cells=args.n_cells, cell_type_col=args.col_cell_type,
+                     perturbation_col=args.col_perturbation, n_cells_col=args.col_n_cells)  # fmt: skip
+    result = run_batch(
+        rows, args.out, url=args.url, api_key=args.api_key or os.environ.get("PTRAG_API_KEY"),
+        concurrency=args.concurrency, retries=args.retries, backoff=args.backoff,
+        timeout=httpx.Timeout(args.timeout, connect=min(10.0, args.timeout)), seed=args.seed, top_n=args.top_n,
+        pert_col=args.pert_col, cell_type_col=args.cell_type_col, control_label=args.control_label,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"{result.n_done}/{result.n_rows} rows done ({result.n_skipped} by an earlier run), "
+          f"{result.n_failed} failed; summary: {result.summary}")  # fmt: skip
+    if result.h5ad is not None:
+        print(f"predictions: {result.h5ad}")
+    if result.failed is not None:
+        print(f"failed rows: {result.failed} (rerun the same command to retry them)")
+        return 1
+    return 0
+
+
 _COMMANDS: list = [
     _add_run, _add_simulate, _add_split, _add_profiles, _add_embed_genes, _add_index, _add_train, _add_predict,
+    _add_benchmark, _add_serve,
+    _add_batch,
 ]  # fmt: skip
 
 

@@ -42,7 +42,7 @@ def main() -> None:
     t_sim = time.perf_counter() - t0
     t0 = time.perf_counter()
     run = work / "run"
-    summary = run_main_job(RunConfig(out=run, data=data, embeddings=emb, target_cell_type="rpe1"))
+    summary = run_main_job(RunConfig(out=run, data=data, embeddings=emb, target_cell_type="rpe1", stop_after="index"))
     t_job = time.perf_counter() - t0
     main_job_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/variants_table.md")
     args = ap.parse_args()
     run = Path(args.run)
-    summary = run_main_job(RunConfig(out=run, seed=args.seed))
+    summary = run_main_job(RunConfig(out=run, seed=args.seed, stop_after="index"))
     cells = ad.read_h5ad(run / "cells.h5ad")
     profiles = ad.read_h5ad(run / "profiles.h5ad")
     split = Split.load(run / "split.json")

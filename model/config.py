@@ -21,6 +21,7 @@ class TrainConfig:
 
     run_dir: str = "runs/ptrag"  # checkpoints (last.pt, best.pt), config, metrics; resumed from when present
     data: str = ""  # prepared cells .h5ad (log-normalised, the profiles' genes): `ptrag run` writes cells.h5ad
+    exclude_cells: str = ""  # .npy of obs row indices of --data never used (the evaluation's held-out controls)
     split: str = ""  # split JSON (`ptrag split`)
     index: str = ""  # retrieval store directory (`ptrag index build`), built from the same split
     retrieval_url: str = ""  # a running retrieval service instead of --index (then --embeddings is needed)

@@ -1,8 +1,10 @@
 """The main job: from a Perturb-seq file (or the embedded simulated default) to everything PT-RAG needs.
 
+Steps: data (simulate or read, prepare) -> profiles -> split -> embeddings -> retrieval index -> the serving
+model (``train/ptrag/``, trained on everything the split allows) -> the benchmark (``benchmark/``: every model
+on the same split for each seed, with held-out control halves; :mod:`model.eval.benchmark`) and its report.
 Each step writes its artifact into the run directory atomically and is skipped when the artifact is already
-there, so an interrupted run resumes where it stopped. Later stages (index, training, benchmark) extend
-:func:`run_main_job` in the same way.
+there, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from model.index_build import build_perturbation_index
 from retrieval_service.atomic import atomic_path, atomic_write_text
 from retrieval_service.embeddings import GeneEmbeddings, load_embeddings
 
-__all__ = ["DEFAULT_TARGET_CELL_TYPE", "RunConfig", "run_main_job"]
+__all__ = ["DEFAULT_TARGET_CELL_TYPE", "STOP_AFTER", "RunConfig", "run_main_job"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET_CELL_TYPE = "rpe1"  # of the simulated default's lines k562, rpe1, jurkat, hepg2
+STOP_AFTER = ("index", "train", "benchmark")
 
 
 @dataclass(kw_only=True)
@@ -58,11 +61,27 @@ class RunConfig:
     val_frac: float = 0.05
     simulator: dict = field(default_factory=dict)
     """Overrides of :class:`model.data.simulator.SimulatorConfig` fields for the simulated default."""
+    stop_after: str = "benchmark"
+    """Last step to run: ``index`` (data only), ``train`` (plus the serving model) or ``benchmark`` (everything)."""
+    train_steps: int = 300
+    """Training steps of the serving model (``train/ptrag/best.pt``)."""
+    train: dict = field(default_factory=dict)
+    """Other :class:`~model.config.TrainConfig` fields for every model trained (serving and benchmark)."""
+    bench_seeds: tuple[int, ...] = (0, 1, 2)
+    bench_steps: int = 150
+    """Training steps of each neural variant in the benchmark: brief, so the main job fits in minutes."""
+    bench_models: tuple[str, ...] = ()
+    """Models to benchmark (default: every variant and baseline)."""
+    command: str = ""
+    """The command line that started the run (recorded in the report)."""
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.data = None if self.data is None else Path(self.data)
         self.embeddings = None if self.embeddings is None else Path(self.embeddings)
+        if self.stop_after not in STOP_AFTER:
+            msg = f"stop_after must be one of {STOP_AFTER}, got {self.stop_after!r}"
+            raise ValueError(msg)
         if self.split_kind not in SPLIT_KINDS:
             msg = f"unknown split kind {self.split_kind!r}; choose one of {SPLIT_KINDS}"
             raise ValueError(msg)
@@ -150,9 +169,46 @@ def run_main_job(config: RunConfig) -> dict:
                 profiles, embeddings, split, index_dir, control_label=config.control_label, **columns
             )
 
+    checkpoint = report = None
+    if config.stop_after in ("train", "benchmark"):
+        with _Step(timings, "train"):
+            checkpoint = _train_serving_model(config, out)
+    if config.stop_after == "benchmark":
+        with _Step(timings, "benchmark"):
+            report = _benchmark(config, out, emb_path)
+
     summary = _summary(config, cells, profiles, split, embeddings, coverage, timings)
+    summary["checkpoint"] = str(checkpoint) if checkpoint else None
+    summary["report"] = str(report) if report else None
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary
+
+
+def _train_serving_model(config: RunConfig, out: Path) -> Path:
+    """The model ``ptrag serve`` and ``docker compose`` serve: ``ptrag`` on the run's split and index."""
+    from model.config import TrainConfig
+    from model.train import train
+
+    run_dir = out / "train" / "ptrag"
+    train(TrainConfig(run_dir=str(run_dir), data=str(out / "cells.h5ad"), split=str(out / "split.json"),
+                      index=str(out / "index"), max_steps=config.train_steps, seed=config.seed,
+                      eval_every=max(config.train_steps // 5, 1), patience=0, pert_col=config.pert_col,
+                      cell_type_col=config.cell_type_col, control_label=config.control_label,
+                      **config.train))  # fmt: skip
+    return run_dir / "best.pt"
+
+
+def _benchmark(config: RunConfig, out: Path, emb_path: Path) -> Path:
+    from model.eval.benchmark import MODELS, BenchmarkConfig, run_benchmark, write_benchmark_report
+
+    bench = BenchmarkConfig(
+        out=out / "benchmark", data=out / "cells.h5ad", embeddings=emb_path, split_kind=config.split_kind,
+        target_cell_type=config.target_cell_type, test_frac=config.test_frac, val_frac=config.val_frac,
+        seeds=config.bench_seeds, models=config.bench_models or MODELS, steps=config.bench_steps,
+        pert_col=config.pert_col, cell_type_col=config.cell_type_col, control_label=config.control_label,
+        command=config.command, train=config.train,
+    )  # fmt: skip
+    return write_benchmark_report(bench, run_benchmark(bench))
 
 
 def _cached_h5ad(path: Path, make: Callable[[], ad.AnnData]) -> ad.AnnData:

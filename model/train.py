@@ -210,6 +210,10 @@ def _load(config: TrainConfig) -> _Data:
                        control_label=config.control_label)  # fmt: skip
     store.check_split(split.split_id, split.held_out)
     cells = ad.read_h5ad(config.data)
+    data_hash = file_fingerprint(config.data)
+    if config.exclude_cells:
+        cells = cells[_kept_rows(config.exclude_cells, cells.n_obs)].copy()
+        data_hash += "-" + file_fingerprint(config.exclude_cells)
     store.check_features(map(str, cells.var_names))
     pool = cell_pool(cells, pert_col=config.pert_col, cell_type_col=config.cell_type_col,
                      control_label=config.control_label, batch_col=config.batch_col or None)  # fmt: skip
@@ -226,7 +230,25 @@ def _load(config: TrainConfig) -> _Data:
         raise ValueError(msg)
     logger.info("training on %d sets, validating on %d; %d store entries", len(train_qs), len(val_qs), len(store))
     return _Data(pool=pool, table=table, train=train_qs, val=val_qs, split=split, store=store,
-                 data_hash=file_fingerprint(config.data))  # fmt: skip
+                 data_hash=data_hash)  # fmt: skip
+
+
+def _kept_rows(exclude_path: str, n_obs: int) -> np.ndarray:
+    """``(n_obs,)`` bool: the rows not listed in the ``.npy`` of row indices at ``exclude_path``."""
+    try:
+        excluded = np.load(exclude_path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        msg = f"could not read --exclude-cells {exclude_path} ({err}); expected a .npy of integer row indices"
+        raise ValueError(msg) from err
+    if excluded.ndim != 1 or not np.issubdtype(excluded.dtype, np.integer):
+        msg = f"--exclude-cells {exclude_path} must hold a 1-d integer array, got {excluded.dtype} {excluded.shape}"
+        raise ValueError(msg)
+    if excluded.size and (excluded.min() < 0 or excluded.max() >= n_obs):
+        msg = f"--exclude-cells {exclude_path} has row indices outside [0, {n_obs}): wrong data file?"
+        raise ValueError(msg)
+    keep = np.ones(n_obs, dtype=bool)
+    keep[excluded] = False
+    return keep
 
 
 def open_store(index: str, *, retrieval_url: str = "", embeddings: str = "", control_label: str) -> Store:

@@ -25,7 +25,7 @@ SMALL = {
 
 
 def test_main_job_writes_every_artifact_and_resumes(tmp_path):
-    config = RunConfig(out=tmp_path / "run", seed=1, simulator=SMALL)
+    config = RunConfig(out=tmp_path / "run", seed=1, simulator=SMALL, stop_after="index")
     summary = run_main_job(config)
     run = tmp_path / "run"
     for name in (

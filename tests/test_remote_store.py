@@ -28,7 +28,7 @@ from retrieval_service.store import Store
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     run = tmp_path_factory.mktemp("remote") / "run"
-    run_main_job(RunConfig(out=run, seed=0, simulator=SMALL, n_sample_cells=8))
+    run_main_job(RunConfig(out=run, seed=0, simulator=SMALL, n_sample_cells=8, stop_after="index"))
     app = create_app(Settings(index_dir=run / "index"))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))

@@ -42,7 +42,7 @@ SMALL = {
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("main") / "run"
-    run_main_job(RunConfig(out=out, seed=0, simulator=SMALL, n_sample_cells=8))
+    run_main_job(RunConfig(out=out, seed=0, simulator=SMALL, n_sample_cells=8, stop_after="index"))
     return out
 
 
