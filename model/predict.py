@@ -3,20 +3,27 @@
 The checkpoint carries the model's arguments, gene vocabulary, cell types, split id and a cache of control
 cells per cell type, so a :class:`Predictor` needs nothing else from training. Inference is deterministic: the
 refiner takes the top-k of its scores, and control cells are drawn with the given seed.
+
+One code path: :meth:`Predictor.predict` is :meth:`~Predictor.make_items` (check a request, draw its control
+cells: one :class:`PredictItem` per perturbation) then :meth:`~Predictor.predict_items` (retrieve and run the
+model on items of any cell types and control sets at once), which the serving micro-batcher calls with the items
+of concurrent requests.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
 
-from model.data.perturbations import parse_perturbation
-from model.examples import CandidateTable, retrieve_candidates
+from model.data.perturbations import format_perturbation, parse_perturbation
+from model.examples import CandidateTable, QuerySet, retrieve_candidates
 from model.nn.batch import Batch
 from model.nn.ptrag import PTRAG, PTRAGConfig
 from model.train import (
@@ -25,17 +32,22 @@ from model.train import (
     CONFIG,
     CONTROL_BATCHES,
     CONTROLS,
+    EMBEDDINGS,
     FEATURES,
     MODEL,
     MODEL_ARGS,
     SPLIT_ID,
+    TRAIN_STATE,
     load_checkpoint,
     open_store,
 )
+from retrieval_service.embeddings import load_aliases
 from retrieval_service.index import UnknownGeneError
 from retrieval_service.store import Store
 
-__all__ = ["Prediction", "Predictor"]
+__all__ = ["MAX_FORWARD_CELLS", "PredictItem", "Prediction", "Predictor"]
+
+MAX_FORWARD_CELLS = 16_384  # control cells (B * S) per forward pass; more are split into several passes
 
 
 @dataclass
@@ -46,6 +58,7 @@ class Prediction:
     cells: np.ndarray  # (n_cells, G) predicted cells
     ctrl: np.ndarray  # (n_cells, G) the control cells they were generated from
     candidates: pd.DataFrame  # columns: id, cell_type, perturbation, cosine, score, weight, selected
+    warnings: list[str] = field(default_factory=list)  # alias resolution, zero-shot cell type
 
     @property
     def delta(self) -> np.ndarray:
@@ -53,10 +66,30 @@ class Prediction:
         return self.cells.mean(0) - self.ctrl.mean(0)
 
 
-class Predictor:
-    """A trained PT-RAG model with its store, ready to predict."""
+@dataclass
+class PredictItem:
+    """One cell set to perturb: what :meth:`Predictor.predict_items` takes, and the unit that the serving
+    micro-batcher groups across requests. Build items with :meth:`Predictor.make_items`, which validates them."""
 
-    def __init__(self, model: PTRAG, store: Store, ckpt: dict, *, device: torch.device) -> None:
+    cell_type: str
+    perturbation: str  # the label as asked, e.g. "A+B"
+    ctrl: np.ndarray  # (S, G) float32 control cells in the model's gene order
+    batch_code: int = -1  # index into Predictor.batches; -1: unknown batch
+    seed: int = 0  # random_retrieval's candidate draw
+    query_label: str | None = None  # the label with alias-resolved symbols, as retrieval sees it; None: perturbation
+    warnings: list[str] = field(default_factory=list)
+
+
+class Predictor:
+    """A trained PT-RAG model with its store, ready to predict.
+
+    ``aliases`` ``{old symbol: current symbol}`` (see :func:`retrieval_service.embeddings.load_aliases`) lets
+    requests name genes by symbols the embedding table lacks; such resolutions are reported as warnings.
+    """
+
+    def __init__(
+        self, model: PTRAG, store: Store, ckpt: dict, *, device: torch.device, aliases: Mapping[str, str] | None = None
+    ) -> None:
         self.model, self.store, self.device = model.eval(), store, device
         self.genes: list[str] = list(ckpt[FEATURES])
         self.cell_types: list[str] = list(ckpt[CELL_TYPES])
@@ -64,7 +97,12 @@ class Predictor:
         self.batches: list[str] = list(ckpt[BATCHES])  # empty: the model takes no batch input
         self.control_batches: dict[str, np.ndarray] = {k: v.numpy() for k, v in ckpt[CONTROL_BATCHES].items()}
         self.config: dict = ckpt[CONFIG]
+        self.split_id: str = ckpt[SPLIT_ID]
+        self.embedding_source: str = ckpt[EMBEDDINGS]
+        self.train_state: dict = {k: v for k, v in ckpt[TRAIN_STATE].items() if k != "history"}  # step, best_val
         self.table = CandidateTable.from_store(store, self.cell_types)
+        self.aliases: dict[str, str] = dict(aliases or {})
+        self.store_cell_types: set[str] = {str(c) for c in store.cell_types}  # with training entries to retrieve
 
     @classmethod
     def load(
@@ -75,12 +113,16 @@ class Predictor:
         retrieval_url: str | None = None,
         embeddings: str | os.PathLike[str] | None = None,
         device: str = "cpu",
+        aliases: str | os.PathLike[str] | Mapping[str, str] | None = None,
     ) -> Predictor:
         """Rebuild the model from ``checkpoint``.
 
         Retrieval uses ``index`` (a store directory) or ``retrieval_url`` (a running service, with ``embeddings``,
-        the gene table it was built from); by default whatever the checkpoint was trained with.
+        the gene table it was built from); by default whatever the checkpoint was trained with. ``aliases`` is an
+        alias map or a file :func:`~retrieval_service.embeddings.load_aliases` reads.
         """
+        if aliases is not None and not isinstance(aliases, Mapping):
+            aliases = load_aliases(aliases)
         dev = torch.device(device)
         ckpt = load_checkpoint(checkpoint, map_location=dev)
         model = PTRAG(PTRAGConfig(**ckpt[MODEL_ARGS]))
@@ -99,7 +141,167 @@ class Predictor:
             )
             raise ValueError(msg)
         store.check_features(ckpt[FEATURES])
-        return cls(model.to(dev), store, ckpt, device=dev)
+        return cls(model.to(dev), store, ckpt, device=dev, aliases=aliases)
+
+    def control_cells(self, cell_type: str, *, n_cells: int = 64, seed: int = 0, batch_code: int = -1) -> np.ndarray:
+        """``(n_cells, G)`` float32 control cells drawn (seeded) from the checkpoint's cache of ``cell_type``,
+        only from technical batch ``batch_code`` when it is not -1."""
+        pool_cells = self.controls[cell_type]
+        if batch_code >= 0:
+            pool_cells = pool_cells[self.control_batches[cell_type] == batch_code]
+            if not len(pool_cells):
+                msg = (f"no cached control cells of cell type {cell_type!r} in batch "
+                       f"{self.batches[batch_code]!r}; pass ctrl=")  # fmt: skip
+                raise ValueError(msg)
+        rng = np.random.default_rng(seed)
+        return pool_cells[rng.choice(len(pool_cells), size=n_cells, replace=len(pool_cells) < n_cells)]
+
+    def make_items(
+        self,
+        cell_type: str,
+        perturbations: list[str],
+        *,
+        n_cells: int = 64,
+        seed: int = 0,
+        ctrl: np.ndarray | None = None,
+        batch: str | None = None,
+    ) -> list[PredictItem]:
+        """Check a request against the checkpoint and turn it into one :class:`PredictItem` per perturbation.
+
+        Raises ``KeyError`` for an unknown cell type or batch, :class:`UnknownGeneError` (a ``KeyError``) naming
+        genes without an embedding (with close matches), ``ValueError`` for a malformed label or control cells.
+        Genes found only through :attr:`aliases`, and a cell type without training entries in the store
+        (zero-shot), are reported in the items' ``warnings``.
+        """
+        if cell_type not in self.controls:
+            msg = f"unknown cell type {cell_type!r}; the model knows {sorted(self.controls)}"
+            raise KeyError(msg)
+        if not perturbations:
+            msg = "no perturbations given"
+            raise ValueError(msg)
+        batch_code = -1
+        if batch is not None:
+            if batch not in self.batches:
+                known = self.batches[:20] or "none: the model was trained without batch_col"
+                msg = f"unknown batch {batch!r}; the model knows {known}"
+                raise KeyError(msg)
+            batch_code = self.batches.index(batch)
+        if ctrl is None:
+            ctrl = self.control_cells(cell_type, n_cells=n_cells, seed=seed, batch_code=batch_code)
+        ctrl = np.asarray(ctrl, dtype=np.float32)
+        if ctrl.ndim != 2 or ctrl.shape[1] != len(self.genes) or ctrl.shape[0] < 1:
+            msg = f"control cells must be (n_cells, {len(self.genes)}), got {ctrl.shape}"
+            raise ValueError(msg)
+        if not np.isfinite(ctrl).all():
+            msg = "control cells contain NaN or inf"
+            raise ValueError(msg)
+        emb, control_label = self.store.index.embeddings, self.config["control_label"]
+        parsed = {p: parse_perturbation(p, control_label=control_label) for p in perturbations}
+        found = emb.lookup(dict.fromkeys(g for genes in parsed.values() for g in genes), aliases=self.aliases,
+                           warn=False)  # fmt: skip
+        resolved = {g: found.via_alias.get(g, g) for g in found.found}
+        unknown = sorted(set(found.missing))
+        if unknown:
+            raise UnknownGeneError(unknown, self.store.index.suggest(unknown[:20]))  # difflib is slow
+        shared = []
+        if cell_type not in self.store_cell_types:
+            shared.append(f"cell type {cell_type!r} has no training perturbations in the retrieval store "
+                          "(zero-shot): every candidate comes from another cell type")  # fmt: skip
+        items = []
+        for label in perturbations:
+            genes = parsed[label]
+            if not genes:
+                msg = f"{label!r} is the control label: it names no gene to perturb"
+                raise ValueError(msg)
+            notes = [f"gene {g!r} resolved through an alias to {resolved[g]!r}" for g in genes if resolved[g] != g]
+            query = format_perturbation(resolved[g] for g in genes) if notes else label
+            items.append(PredictItem(cell_type=cell_type, perturbation=label, ctrl=ctrl, batch_code=batch_code,
+                                     seed=seed, query_label=query, warnings=shared + notes))  # fmt: skip
+        return items
+
+    def predict_items(self, items: list[PredictItem]) -> list[Prediction]:
+        """Predictions for items of any cell types, control sets and batches, in the order given.
+
+        Stage-1 retrieval runs once for all items; items with the same number of control cells S share a
+        forward pass (split so that no pass holds more than :data:`MAX_FORWARD_CELLS` cells). The serving
+        micro-batcher calls this with the items of concurrent requests; an item's prediction does not depend on
+        the others beside it, up to float rounding in batched matrix products.
+        """
+        if not items:
+            return []
+        G = len(self.genes)
+        for it in items:
+            if it.ctrl.ndim != 2 or it.ctrl.shape[1] != G:
+                msg = f"control cells must be (n_cells, {G}), got {it.ctrl.shape}"
+                raise ValueError(msg)
+        pairs = [(it.cell_type, it.query_label or it.perturbation) for it in items]
+        queries = self._retrieve(pairs, items)
+        if len(queries) < len(pairs):
+            dropped = sorted({p for _, p in pairs} - {p for _, p in queries.pairs})
+            msg = f"perturbation(s) {dropped} have a gene without an embedding; cannot retrieve for them"
+            raise KeyError(msg)
+        K = queries.cand_ids.shape[1]
+        pred: list[np.ndarray] = [np.empty(0, np.float32)] * len(items)
+        cos, scores, weights = (np.zeros((len(items), K), np.float32) for _ in range(3))
+        by_size: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            by_size.setdefault(it.ctrl.shape[0], []).append(i)
+        for S, members in by_size.items():
+            step = max(1, MAX_FORWARD_CELLS // S)
+            for start in range(0, len(members), step):
+                idx = members[start : start + step]
+                out = self._forward(items, queries, idx)  # (B, S, G), then (B, K) three times
+                for j, i in enumerate(idx):
+                    pred[i] = out[0][j]
+                cos[idx], scores[idx], weights[idx] = out[1:]
+        valid = queries.cand_ids >= 0
+        cts, labs = np.zeros(0, object), np.zeros(0, object)
+        if valid.any():  # one lookup for all items (one request to a retrieval service)
+            cts, labs = self.store.entries(queries.cand_ids[valid])
+        offsets = np.concatenate([[0], np.cumsum(valid.sum(1))])
+        result = []
+        for b, it in enumerate(items):
+            v, sl = valid[b], slice(offsets[b], offsets[b + 1])
+            frame = pd.DataFrame({
+                "id": queries.cand_ids[b][v], "cell_type": cts[sl].astype(str), "perturbation": labs[sl].astype(str),
+                "cosine": cos[b][v], "score": scores[b][v], "weight": weights[b][v], "selected": weights[b][v] > 0,
+            })  # fmt: skip
+            result.append(Prediction(perturbation=it.perturbation, cells=pred[b], ctrl=it.ctrl, candidates=frame,
+                                     warnings=list(it.warnings)))  # fmt: skip
+        return result
+
+    def _retrieve(self, pairs: list[tuple[str, str]], items: list[PredictItem]) -> QuerySet:
+        kw = {"cell_types": self.cell_types, "k": self.model.config.n_candidates,
+              "control_label": self.config["control_label"]}  # fmt: skip
+        if self.model.config.variant != "random_retrieval":
+            return retrieve_candidates(self.store, pairs, **kw)
+        # Random candidates (a control variant): one stream per item, keyed by its seed and pair, so that the draw
+        # does not depend on the other items in the call.
+        parts = [
+            retrieve_candidates(self.store, [pair], random_candidates=True, **kw,
+                                rng=np.random.default_rng([it.seed, zlib.crc32("\t".join(pair).encode())]))
+            for pair, it in zip(pairs, items, strict=True)
+        ]  # fmt: skip
+        return QuerySet(
+            pairs=[p for q in parts for p in q.pairs],
+            cell_type=np.concatenate([q.cell_type for q in parts]),
+            query=np.concatenate([q.query for q in parts]),
+            cand_ids=np.concatenate([q.cand_ids for q in parts]),
+        )
+
+    def _forward(self, items: list[PredictItem], queries: QuerySet, idx: list[int]) -> tuple[np.ndarray, ...]:
+        """One forward pass over items ``idx`` (equal S): pred (B, S, G), cosines, scores, weights (B, K)."""
+        batch = Batch(
+            ctrl=torch.from_numpy(np.stack([items[i].ctrl for i in idx])),  # (B, S, G)
+            query=torch.from_numpy(queries.query[idx]),
+            cell_type=torch.from_numpy(queries.cell_type[idx]),
+            **self.table.gather(queries.cand_ids[idx]),
+            batch_id=torch.tensor([items[i].batch_code for i in idx], dtype=torch.int64) if self.batches else None,
+        ).to(self.device)
+        with torch.no_grad():
+            pred, _, info = self.model(batch, stochastic=False)
+        cos = torch.einsum("bke,be->bk", batch.cand_emb.float(), batch.query.float())
+        return tuple(t.float().cpu().numpy() for t in (pred, cos, info["scores"], info["weights"]))
 
     def predict(
         self,
@@ -118,75 +320,8 @@ class Predictor:
         excluded from retrieval, as in training. ``batch`` names a technical batch the model was trained with
         (``batch_col``); the default control cells then come from that batch, and the model is told it.
         """
-        if cell_type not in self.controls:
-            msg = f"unknown cell type {cell_type!r}; the model knows {sorted(self.controls)}"
-            raise KeyError(msg)
-        if not perturbations:
-            msg = "no perturbations given"
-            raise ValueError(msg)
-        batch_code = -1
-        if batch is not None:
-            if batch not in self.batches:
-                known = self.batches[:20] or "none: the model was trained without batch_col"
-                msg = f"unknown batch {batch!r}; the model knows {known}"
-                raise KeyError(msg)
-            batch_code = self.batches.index(batch)
-        if ctrl is None:
-            pool_cells = self.controls[cell_type]
-            if batch_code >= 0:
-                pool_cells = pool_cells[self.control_batches[cell_type] == batch_code]
-                if not len(pool_cells):
-                    msg = f"no cached control cells of cell type {cell_type!r} in batch {batch!r}; pass ctrl="
-                    raise ValueError(msg)
-            rng = np.random.default_rng(seed)
-            ctrl = pool_cells[rng.choice(len(pool_cells), size=n_cells, replace=len(pool_cells) < n_cells)]
-        ctrl = np.asarray(ctrl, dtype=np.float32)
-        if ctrl.ndim != 2 or ctrl.shape[1] != len(self.genes):
-            msg = f"control cells must be (n_cells, {len(self.genes)}), got {ctrl.shape}"
-            raise ValueError(msg)
-        if not np.isfinite(ctrl).all():
-            msg = "control cells contain NaN or inf"
-            raise ValueError(msg)
-        emb = self.store.index.embeddings
-        genes = {g for p in perturbations for g in parse_perturbation(p, control_label=self.config["control_label"])}
-        unknown = sorted(g for g in genes if emb.resolve(g) is None)
-        if unknown:
-            raise UnknownGeneError(unknown, self.store.index.suggest(unknown))
-        pairs = [(cell_type, p) for p in perturbations]
-        queries = retrieve_candidates(
-            self.store, pairs, cell_types=self.cell_types, k=self.model.config.n_candidates,
-            random_candidates=self.model.config.variant == "random_retrieval",
-            control_label=self.config["control_label"], rng=np.random.default_rng(seed),
-        )  # fmt: skip
-        if len(queries) < len(pairs):
-            dropped = sorted({p for _, p in pairs} - {p for _, p in queries.pairs})
-            msg = f"perturbation(s) {dropped} have a gene without an embedding; cannot retrieve for them"
-            raise KeyError(msg)
-        n = len(queries)
-        batch = Batch(
-            ctrl=torch.from_numpy(ctrl).expand(n, -1, -1).contiguous(),
-            query=torch.from_numpy(queries.query),
-            cell_type=torch.from_numpy(queries.cell_type),
-            **self.table.gather(queries.cand_ids),
-            batch_id=torch.full((n,), batch_code, dtype=torch.int64) if self.batches else None,
-        ).to(self.device)
-        with torch.no_grad():
-            pred, _, info = self.model(batch, stochastic=False)
-        pred = pred.float().cpu().numpy()
-        cos = torch.einsum("bke,be->bk", batch.cand_emb.float(), batch.query.float()).cpu().numpy()
-        scores, weights = info["scores"].cpu().numpy(), info["weights"].cpu().numpy()
-        out = []
-        for b, (_, label) in enumerate(queries.pairs):
-            valid = queries.cand_ids[b] >= 0
-            cid = queries.cand_ids[b][valid]
-            cts, labs = self.store.entries(cid)
-            frame = pd.DataFrame({
-                "id": cid, "cell_type": cts.astype(str), "perturbation": labs.astype(str),
-                "cosine": cos[b][valid], "score": scores[b][valid], "weight": weights[b][valid],
-            })  # fmt: skip
-            frame["selected"] = frame["weight"] > 0
-            out.append(Prediction(perturbation=label, cells=pred[b], ctrl=ctrl, candidates=frame))
-        return out
+        return self.predict_items(self.make_items(cell_type, perturbations, n_cells=n_cells, seed=seed, ctrl=ctrl,
+                                                  batch=batch))  # fmt: skip
 
     def predict_anndata(
         self, cell_type: str, perturbations: list[str], *, n_cells: int = 64, seed: int = 0, batch: str | None = None

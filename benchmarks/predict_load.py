@@ -1,0 +1,369 @@
+"""Load test of ``POST /predict``: latency and throughput with 1 and 16 concurrent clients.
+
+Not a test. One run:
+
+1. starts ``uvicorn api.app:app`` on 127.0.0.1 in a subprocess, serving a checkpoint (default: the main job's
+   ``artifacts/default/train/ptrag/best.pt`` with ``artifacts/default/index``), once per ``--model-threads``
+   setting (default: 1 thread, then the libraries' default of one per core);
+2. for each client count, every client (a thread with its own ``httpx.Client``) sends ``--requests`` requests
+   back to back: one perturbation, 64 control cells, a different seed per request (so no two requests are the
+   same and nothing could be coalesced); latency is the time to the full response body, and the client checks
+   the status (and parses one response in 50 fully: parsing 100 kB of JSON in 16 client threads would take CPU
+   from the server on a small machine);
+3. reports p50/p99 latency, requests/s, errors and the server's micro-batcher counters for each phase;
+4. profiles one request in process (where the time goes: validation, retrieval, forward, response encoding) and
+   the forward pass batched 16 at a time;
+5. writes the Markdown report ``benchmarks/results/predict_load.md``.
+
+When the default checkpoint cannot be read by this code (missing, or written by an older version of the
+trainer), a model of the same architecture (the run's ``config.json``) is trained for two steps into a temporary
+directory: latency does not depend on how long a model was trained.
+
+Usage::
+
+    python benchmarks/predict_load.py                                  # default artifacts, 1 and 16 clients
+    python benchmarks/predict_load.py --checkpoint RUN/best.pt --index RUN/../index --requests 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_RUN = ROOT / "artifacts" / "default"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_checkpoint(checkpoint: Path, work: Path) -> tuple[Path, str]:
+    """The checkpoint to serve, and a note when a stand-in of the same architecture had to be trained."""
+    from model.train import load_checkpoint
+
+    try:
+        load_checkpoint(checkpoint)
+        return checkpoint, ""
+    except (FileNotFoundError, ValueError) as err:
+        reason = str(err)
+    config_path = checkpoint.parent / "config.json"
+    if not config_path.exists():
+        raise SystemExit(f"cannot read {checkpoint} ({reason}) and there is no {config_path} to train a stand-in")
+    from model.config import TrainConfig
+    from model.train import train
+
+    values = json.loads(config_path.read_text())
+    values.update(run_dir=str(work / "model"), max_steps=2, eval_every=2, warmup_steps=1, progress=False)
+    train(TrainConfig(**values))
+    note = (
+        f"{checkpoint} could not be read by this version ({reason}); served instead a model of the same "
+        f"architecture ({config_path}) trained for 2 steps: latency does not depend on training length."
+    )
+    return work / "model" / "last.pt", note
+
+
+class Server:
+    """``uvicorn api.app:app`` in a subprocess, configured through PTRAG_* variables."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port),
+               "--log-level", "warning", "--no-access-log"]  # fmt: skip
+        self.log = open(log, "w")  # closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=self.log)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=5) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"server exited with {self.proc.returncode}; see {self.log.name}")
+                try:
+                    r = client.get("/readyz")
+                    if r.status_code == 200:
+                        return
+                    if r.json().get("status") == "failed":
+                        raise SystemExit(f"server could not load the model: {r.json()['detail']}")
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+        raise SystemExit("server not ready in time")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def run_clients(url: str, n_clients: int, n_requests: int, body: dict, *, seed0: int) -> dict:
+    """``n_clients`` threads, ``n_requests`` each, back to back; latencies in ms, errors, wall time."""
+    latencies: list[list[float]] = [[] for _ in range(n_clients)]
+    errors: list[str] = []
+    barrier = threading.Barrier(n_clients + 1)
+
+    def client(c: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            barrier.wait()
+            for i in range(n_requests):
+                payload = {**body, "seed": seed0 + c * n_requests + i}
+                start = time.perf_counter()
+                try:
+                    r = http.post("/predict", json=payload)
+                    content = r.content
+                except httpx.HTTPError as err:
+                    errors.append(f"{type(err).__name__}: {err}")
+                    continue
+                latencies[c].append((time.perf_counter() - start) * 1000)
+                if r.status_code != 200:
+                    errors.append(f"HTTP {r.status_code}: {content[:200]!r}")
+                elif i % 50 == 0 and len(json.loads(content)["predictions"]) != 1:
+                    errors.append("wrong number of predictions")
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = np.asarray([x for per in latencies for x in per])
+    return {
+        "clients": n_clients,
+        "requests": n_clients * n_requests,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "mean_ms": float(lat.mean()),
+        "rps": n_clients * n_requests / wall,
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "wall_s": wall,
+    }
+
+
+def profile_in_process(checkpoint: Path, index: Path, cell_type: str, gene: str, threads: int | None) -> list:
+    """Median ms of each step of one request, and of the forward pass over 16 items, in this process."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from api.app import PredictResponse, _prediction
+    from model.predict import Predictor
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+        threadpool_limits(limits=threads)
+    p = Predictor.load(checkpoint, index=index)
+
+    def ms(f, n: int = 30) -> float:
+        for _ in range(3):
+            f()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            f()
+            times.append((time.perf_counter() - t) * 1000)
+        return statistics.median(times)
+
+    items = p.make_items(cell_type, [gene], n_cells=64)
+    pairs = [(it.cell_type, it.query_label or it.perturbation) for it in items]
+    queries = p._retrieve(pairs, items)
+    (pred,) = p.predict_items(items)
+    many = [it for s in range(16) for it in p.make_items(cell_type, [gene], n_cells=64, seed=s)]
+    many_q = p._retrieve([(it.cell_type, it.perturbation) for it in many], many)
+
+    def response() -> str:
+        out = _prediction(pred, p.genes, top_n=20, cells=False)
+        return PredictResponse(request_id="x", cell_type=cell_type, model_variant="ptrag", genes=p.genes, n_cells=64,
+                               predictions=[out], warnings=[]).model_dump_json()  # fmt: skip
+
+    body = response()
+    rows = [
+        ("make_items (validate names, draw 64 control cells)", ms(lambda: p.make_items(cell_type, [gene]))),
+        ("stage-1 retrieval (1 query)", ms(lambda: p._retrieve(pairs, items))),
+        ("forward pass, 1 item (B=1, S=64)", ms(lambda: p._forward(items, queries, [0]))),
+        ("predict_items, 1 item (retrieval + forward + candidate tables)", ms(lambda: p.predict_items(items))),
+        ("response: top genes, candidates, JSON encoding", ms(response)),
+        (f"JSON decoding in the client ({len(body) / 1000:.0f} kB)", ms(lambda: json.loads(body))),
+        ("forward pass, 16 items (B=16), per item", ms(lambda: p._forward(many, many_q, list(range(16))), 10) / 16),
+        ("predict_items, 16 items, per item", ms(lambda: p.predict_items(many), 10) / 16),
+    ]
+    return rows
+
+
+def machine() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
+
+
+def serve_and_load(args, checkpoint: Path, threads: int, log: Path) -> tuple[dict, str, str, list[dict]]:
+    """One server with PTRAG_MODEL_THREADS=threads (0: the libraries' default): every client count in turn."""
+    env = {"PTRAG_CHECKPOINT": str(checkpoint), "PTRAG_INDEX_DIR": str(args.index),
+           "PTRAG_BATCH_WAIT_MS": str(args.batch_wait_ms), "PTRAG_DEVICE": "cpu"}  # fmt: skip
+    if threads:
+        env["PTRAG_MODEL_THREADS"] = str(threads)
+    server = Server(env, log)
+    results = []
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            info = http.get("/info").json()
+            cell_type = args.cell_type or info["cell_types"][-1]
+            from retrieval_service.store import Store
+
+            gene = args.gene or Store.open(args.index).index.embeddings.symbols[0]
+            body = {"cell_type": cell_type, "perturbations": [gene], "n_cells": 64}
+            run_clients(server.url, 1, 20, body, seed0=10**6)  # warm-up
+            for n in args.clients:
+                start = http.get("/info").json()["batcher"]
+                r = run_clients(server.url, n, args.requests, body, seed0=n * 10**5)
+                end = http.get("/info").json()["batcher"]
+                r |= {k: end[k] - start[k] for k in ("calls", "items")} | {"largest_call": end["largest_call"],
+                                                                           "threads": threads}  # fmt: skip
+                results.append(r)
+                print(f"threads {threads or 'default'}, {n:>2} clients: p50 {r['p50_ms']:.1f} ms, p99 "
+                      f"{r['p99_ms']:.1f} ms, {r['rps']:.1f} req/s, {r['errors']} errors, {r['calls']} forward "
+                      f"passes", flush=True)  # fmt: skip
+    finally:
+        server.stop()
+    return info, cell_type, gene, results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "train" / "ptrag" / "best.pt")
+    ap.add_argument("--index", type=Path, default=DEFAULT_RUN / "index")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--requests", type=int, default=100, help="requests per client")
+    ap.add_argument("--cell-type", default=None, help="default: the model's last cell type")
+    ap.add_argument("--gene", default=None, help="default: the first gene of the embedding table")
+    ap.add_argument("--model-threads", type=int, nargs="+", default=[1, 0],
+                    help="PTRAG_MODEL_THREADS per server run (0: the libraries' default, one per core)")  # fmt: skip
+    ap.add_argument("--batch-wait-ms", type=float, default=2.0)
+    ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "predict_load.md")
+    args = ap.parse_args()
+    command = "python " + shlex.join(["benchmarks/predict_load.py", *sys.argv[1:]])
+
+    work = Path(tempfile.mkdtemp(prefix="predict_load_"))
+    checkpoint, note = ensure_checkpoint(args.checkpoint, work)
+    before = machine()
+    results = []
+    for threads in args.model_threads:
+        info, cell_type, gene, part = serve_and_load(args, checkpoint, threads, work / f"server-{threads}.log")
+        results += part
+    after = machine()
+    first = args.model_threads[0] or None
+    rows = profile_in_process(checkpoint, args.index, cell_type, gene, first) if args.profile else []
+    write_report(args, command, info, cell_type, gene, results, rows, note, before, after)
+
+
+def write_report(args, command, info, cell_type, gene, results, rows, note, before, after) -> None:
+    lines = [
+        "# POST /predict under load",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {before} before the run, {after.split(', load average ')[1]} after (shared with other jobs).",
+        f"Model: {info['model_variant']}, {info['n_genes']} genes, {len(info['cell_types'])} cell types, store "
+        f"{info['retrieval']}; checkpoint step {info['checkpoint_step']}.",
+        f"Server: `uvicorn api.app:app` in its own process, PTRAG_BATCH_WAIT_MS={args.batch_wait_ms}, "
+        f"PTRAG_BATCH_MAX_ITEMS={info['limits']['batch_max_items']}; PTRAG_MODEL_THREADS as in the table.",
+        f"Requests: `{cell_type}`, one perturbation (`{gene}`), 64 control cells, JSON response (delta, profile, top "
+        f"genes, 32 candidates), a different seed per request; {args.requests} requests per client, back to back.",
+    ]
+    if note:
+        lines += ["", f"Note: {note}"]
+    lines += [
+        "",
+        "| model threads | clients | requests | p50 (ms) | p99 (ms) | mean (ms) | requests/s | vs 1 client | errors "
+        "| forward passes | perturbations per pass (mean / max) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        single = next((x for x in results if x["threads"] == r["threads"] and x["clients"] == 1), None)
+        ratio = f"{r['rps'] / single['rps']:.2f}x" if single else "-"
+        per_call = r["items"] / r["calls"] if r["calls"] else 0
+        lines.append(
+            f"| {r['threads'] or 'default'} | {r['clients']} | {r['requests']} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {r['mean_ms']:.1f} | {r['rps']:.1f} | {ratio} | {r['errors']} | {r['calls']} | "
+            f"{per_call:.1f} / {r['largest_call']} |"
+        )
+    lines += ["", "Targets (per thread setting):"]
+    for threads in args.model_threads:
+        mine = [r for r in results if r["threads"] == threads]
+        single = next((r for r in mine if r["clients"] == 1), None)
+        multi = next((r for r in mine if r["clients"] == 16), None)
+        errors = sum(r["errors"] for r in mine)
+        parts = []
+        if single:
+            parts.append(
+                f"single-client p50 {single['p50_ms']:.1f} ms < 30: {'met' if single['p50_ms'] < 30 else 'missed'}"
+            )
+        if single and multi:
+            ratio = multi["rps"] / single["rps"]
+            parts.append(f"16 clients {ratio:.2f}x >= 4x: {'met' if ratio >= 4 else 'missed'}")
+        parts.append(f"{errors} errors: {'met' if errors == 0 else 'missed'}")
+        lines.append(f"- model threads {threads or 'default'}: " + "; ".join(parts))
+        examples = [e for r in mine for e in r["error_examples"]]
+        if examples:
+            lines.append(f"  (e.g. {examples[:3]})")
+    if rows:
+        lines += [
+            "",
+            f"## Where the time goes (one request, in process, model threads {args.model_threads[0] or 'default'}; "
+            "median ms)",
+            "",
+            "| step | ms |",
+            "|---|---:|",
+            *[f"| {name} | {value:.2f} |" for name, value in rows],
+        ]
+        per_item = dict(rows)["forward pass, 16 items (B=16), per item"]
+        single = next((r for r in results if r["threads"] == args.model_threads[0] and r["clients"] == 1), None)
+        if single:
+            bound = 1000 / per_item
+            lines += [
+                "",
+                f"The forward pass is compute-bound (batching 16 sets cuts its cost per set only from "
+                f"{dict(rows)['forward pass, 1 item (B=1, S=64)']:.1f} to {per_item:.1f} ms): on one model thread, "
+                f"16 clients cannot exceed 1000 / {per_item:.1f} = {bound:.0f} requests/s, "
+                f"{bound / single['rps']:.1f}x the single-client rate, before any HTTP, JSON or client work, which "
+                "share the same cores here.",
+            ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
