@@ -67,13 +67,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--target-cell-type", default=None, help="target of the cell-type protocols (default rpe1 when simulated)"
     )
     p.add_argument("--n-top-genes", type=int, default=2000)
-    p.add_argument("--train-steps", type=int, default=300, help="training steps of the serving model")
+    p.add_argument("--train-steps", type=int, default=200, help="training steps of the serving model")
     p.add_argument("--stop-after", default="benchmark", choices=["index", "train", "benchmark"],
                    help="last step: index (data only), train (plus the serving model), benchmark (all)")  # fmt: skip
     p.add_argument("--no-benchmark", dest="stop_after", action="store_const", const="train",
                    help="same as --stop-after train: the data, index and serving model, no benchmark")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="benchmark seeds")
-    p.add_argument("--bench-steps", type=int, default=150, help="training steps per neural model in the benchmark")
+    p.add_argument("--bench-steps", type=int, default=120, help="training steps per neural model in the benchmark")
     p.add_argument("--models", nargs="+", default=None, help="models to benchmark (default: all)")
     p.set_defaults(func=_run)
 

@@ -63,12 +63,12 @@ class RunConfig:
     """Overrides of :class:`model.data.simulator.SimulatorConfig` fields for the simulated default."""
     stop_after: str = "benchmark"
     """Last step to run: ``index`` (data only), ``train`` (plus the serving model) or ``benchmark`` (everything)."""
-    train_steps: int = 300
+    train_steps: int = 200
     """Training steps of the serving model (``train/ptrag/best.pt``)."""
     train: dict = field(default_factory=dict)
     """Other :class:`~model.config.TrainConfig` fields for every model trained (serving and benchmark)."""
     bench_seeds: tuple[int, ...] = (0, 1, 2)
-    bench_steps: int = 150
+    bench_steps: int = 120
     """Training steps of each neural variant in the benchmark: brief, so the main job fits in minutes."""
     bench_models: tuple[str, ...] = ()
     """Models to benchmark (default: every variant and baseline)."""
