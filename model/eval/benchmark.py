@@ -160,6 +160,7 @@ class _Seed:
     model_controls: dict[str, np.ndarray]  # cell type -> row indices of its model-half controls
     eval_controls: dict[str, np.ndarray]  # cell type -> row indices of its evaluation-half controls
     pca: PCABasis | None = None
+    observed: dict[tuple[str, str], Any] = field(default_factory=dict)  # pair -> ObservedGroup, shared by the models
 
 
 def run_benchmark(config: BenchmarkConfig) -> pd.DataFrame:
@@ -348,9 +349,13 @@ def _score_model(ctx: _Context, state: _Seed, name: str) -> pd.DataFrame:
         else:
             pred = baseline.predict_cells(ctrl, ct, pert)
         genes = parse_perturbation(pert, control_label=config.control_label)
-        obs = observe(observed, ctrl_eval, perturbation=pert, reference=ctx.references[ct], pca=pca,
-                      target_genes=genes, max_cells=config.max_cells,
-                      rng=np.random.default_rng([state.seed, _SEED_STREAMS["score"], i]))  # fmt: skip
+        obs = None if name == CEILING else state.observed.get((ct, pert))
+        if obs is None:  # the same for every model but the ceiling (which observes half the cells): computed once
+            obs = observe(observed, ctrl_eval, perturbation=pert, reference=ctx.references[ct], pca=pca,
+                          target_genes=genes, max_cells=config.max_cells,
+                          rng=np.random.default_rng([state.seed, _SEED_STREAMS["score"], i]))  # fmt: skip
+            if name != CEILING:
+                state.observed[(ct, pert)] = obs
         values = score(pred, ctrl, obs, max_cells=config.max_cells,
                        rng=np.random.default_rng([state.seed, _SEED_STREAMS["score"], i, 1]))  # fmt: skip
         category = state.split.categories.get(f"{ct}|{pert}", "")
