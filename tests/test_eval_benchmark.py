@@ -168,3 +168,16 @@ def test_train_exclude_cells_drops_rows_and_rejects_bad_files(data_dir, tmp_path
     for cells_ct in cached.values():
         for cell in cells_ct.numpy()[:20]:
             assert not (np.abs(excluded - cell).sum(1) < 1e-6).any()
+
+
+def test_ceiling_reference_row_is_replaced_not_shared():
+    from model.eval.benchmark import _replace_row
+    from model.eval.metrics import cell_type_reference
+
+    ref = cell_type_reference(np.array(["g1", "g2"]), np.array(["A", "B", "C"]), np.arange(6.0).reshape(3, 2))
+    new = _replace_row(ref, "B", np.array([10.0, 20.0]))
+    np.testing.assert_array_equal(new.means, [[0, 1], [10, 20], [4, 5]])
+    np.testing.assert_allclose(new.perturbed_centroid, [14 / 3, 26 / 3])
+    np.testing.assert_array_equal(ref.means, np.arange(6.0).reshape(3, 2))  # the shared reference is untouched
+    with pytest.raises(ValueError, match="'Z'"):
+        _replace_row(ref, "Z", np.zeros(2))

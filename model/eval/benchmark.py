@@ -340,9 +340,13 @@ def _score_model(ctx: _Context, state: _Seed, name: str) -> pd.DataFrame:
         ctrl_eval = _dense(ctx.cells.X[state.eval_controls[ct]])  # (e, G)
         split_rng = np.random.default_rng([state.seed, _SEED_STREAMS["cells"], i, 1])
         candidates = None
+        reference = ctx.references[ct]
         if name == CEILING:
             half_a, half_b = split_half(observed, split_rng)
             observed, pred = half_b, half_a
+            # The true perturbation's reference row must not contain the predicting half, or discrimination
+            # would reward the overlap: the ceiling is ranked against half b's mean, as models are against all cells.
+            reference = _replace_row(reference, pert, half_b.mean(0))
         elif predictor is not None:
             prediction = predictor.predict(ct, [pert], ctrl=ctrl)[0]
             pred, candidates = prediction.cells, prediction.candidates
@@ -351,7 +355,7 @@ def _score_model(ctx: _Context, state: _Seed, name: str) -> pd.DataFrame:
         genes = parse_perturbation(pert, control_label=config.control_label)
         obs = None if name == CEILING else state.observed.get((ct, pert))
         if obs is None:  # the same for every model but the ceiling (which observes half the cells): computed once
-            obs = observe(observed, ctrl_eval, perturbation=pert, reference=ctx.references[ct], pca=pca,
+            obs = observe(observed, ctrl_eval, perturbation=pert, reference=reference, pca=pca,
                           target_genes=genes, max_cells=config.max_cells,
                           rng=np.random.default_rng([state.seed, _SEED_STREAMS["score"], i]))  # fmt: skip
             if name != CEILING:
@@ -370,6 +374,13 @@ def _score_model(ctx: _Context, state: _Seed, name: str) -> pd.DataFrame:
     if baseline is not None:
         atomic_write_text(state.dir / "scores" / f"{name}.explain.txt", baseline.explain() + "\n")
     return pd.DataFrame(rows)
+
+
+def _replace_row(reference: CellTypeReference, label: str, mean: np.ndarray) -> CellTypeReference:
+    """A copy of ``reference`` whose row for ``label`` is ``mean`` (G,)."""
+    means = reference.means.copy()
+    means[reference.row(label)] = mean
+    return cell_type_reference(reference.genes, reference.labels, means)
 
 
 def _stage1_weights(candidates: pd.DataFrame, k: int) -> np.ndarray:
