@@ -7,6 +7,7 @@ import math
 import socket
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from retrieval_service.app import Settings, create_app, get_loaded_store
+import retrieval_service.app as app_mod
+from retrieval_service.app import Settings, create_app, get_loaded_store, get_settings
 from retrieval_service.client import (
     InvalidQueryError,
     RetrievalClient,
@@ -26,7 +28,7 @@ from retrieval_service.client import (
     UnknownGeneError,
 )
 from retrieval_service.embeddings import GeneEmbeddings
-from retrieval_service.schemas import ArrayPayload
+from retrieval_service.schemas import ArrayPayload, SearchRequest
 from retrieval_service.store import Store, build_store
 
 D = 16
@@ -135,11 +137,25 @@ def test_search_threads_limited_while_serving_and_restored(store_dir: Path, monk
     monkeypatch.setattr(faiss, "omp_set_num_threads", omp_calls.append)
     before = numpy_blas_threads()
     assert before  # numpy's OpenBLAS is found
-    with TestClient(create_app(Settings(index_dir=store_dir, search_threads=1))) as c:
+    with TestClient(create_app(Settings(index_dir=store_dir, search_threads=1, load_in_background=False))) as c:
         assert set(numpy_blas_threads()) == {1}  # process-wide
         assert c.post("/search", json={"genes": ["G1"], "k": 1}).status_code == 200
-        assert omp_calls == [1]  # OpenMP is per thread: set in the worker that searched
+        assert omp_calls == [1]  # OpenMP is per thread: set in the thread that searched
+        assert c.post("/search", json={"genes": ["G2"], "k": 1}).status_code == 200
+        assert omp_calls == [1]  # once per thread, not per request
     assert numpy_blas_threads() == before
+
+
+def test_settings_are_app_state_not_a_dependency_override(store_dir: Path) -> None:
+    # FastAPI re-inspects an overridden dependency on every request: create_app(settings) must not use one
+    app = create_app(Settings(index_dir=store_dir, load_in_background=False, max_batch=2))
+    assert app.dependency_overrides == {}
+    with TestClient(app) as c:
+        r = c.post("/search", json={"genes": ["G1"] * 3, "k": 1})
+        assert (r.status_code, r.json()["detail"]) == (413, "3 queries; at most 2 per request")
+        # an override still wins, for tests that swap settings after the app is built
+        app.dependency_overrides[get_settings] = lambda: Settings(index_dir=store_dir, max_batch=5)
+        assert c.post("/search", json={"genes": ["G1"] * 3, "k": 1}).status_code == 200
 
 
 def test_unconfigured_service_and_store_override(store: Store) -> None:
@@ -207,6 +223,144 @@ def test_search_vectors_with_padding_and_exclusions(client: TestClient, store: S
         "labels": [None, None],
         "profiles": {},
     }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, ">f4"])
+def test_search_vectors_as_array_payload_equals_list(client: TestClient, store: Store, dtype: str) -> None:
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((3, D)).astype(np.float32)
+    common = {"k": 5, "exclude_ids": [[0], [], [1, 2]], "exclude_cell_types": ["RPE1"], "return_profiles": ["delta"]}
+    by_list = client.post("/search", json={"vectors": q.tolist(), **common})
+    by_array = client.post("/search", json={"vectors": _payload(q.astype(dtype)), **common})
+    assert by_list.status_code == by_array.status_code == 200
+    assert by_array.json() == by_list.json()
+    res = store.query(vectors=q, **{k.replace("_ids", ""): v for k, v in common.items()})
+    assert [r["ids"] for r in by_array.json()["results"]] == res.ids.tolist()
+    assert [r["scores"] for r in by_array.json()["results"]] == res.scores.tolist()
+
+
+@pytest.mark.parametrize(
+    ("vectors", "loc", "message"),
+    [
+        ({"dtype": "<i4", "shape": [1, D], "data": ""}, "array", "must have a float dtype such as '<f4', got '<i4'"),
+        ({"dtype": "nope", "shape": [1, D], "data": ""}, "array", "must have a float dtype such as '<f4', got 'nope'"),
+        ({"dtype": "<f4", "shape": [D], "data": ""}, "array", f"must have shape [n, d] with n, d >= 1, got [{D}]"),
+        (
+            {"dtype": "<f4", "shape": [0, D], "data": ""},
+            "array",
+            f"must have shape [n, d] with n, d >= 1, got [0, {D}]",
+        ),
+        ({"dtype": "<f4", "shape": [1, D], "data": "AAAA"}, "array", f"and shape [1, {D}] is {4 * D} bytes, got 3"),
+        ({"dtype": "<f4", "shape": [1, 1], "data": "AA A"}, "array", "data is not valid base64"),
+        ({"dtype": "<f4", "shape": [1, D]}, "array.data", "Field required"),
+        ([], "list", "List should have at least 1 item after validation, not 0"),
+        ("abc", "list", "Input should be a valid list"),
+    ],
+)
+def test_search_bad_vector_payloads(client: TestClient, vectors: object, loc: str, message: str) -> None:
+    r = client.post("/search", json={"vectors": vectors, "k": 1})
+    assert r.status_code == 422
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "vectors", *loc.split(".")]
+    assert message in error["msg"]
+
+
+def test_search_array_payload_errors_from_the_index(client: TestClient) -> None:
+    q = np.zeros((2, D), np.float32)
+    q[1, 3] = np.nan  # an array payload carries NaN: the index refuses it, naming the row
+    r = client.post("/search", json={"vectors": _payload(q), "k": 1})
+    assert (r.status_code, r.json()) == (
+        422,
+        {"error": "invalid_query", "detail": "1 query vector(s) contain NaN or inf (rows [1])"},
+    )
+    r = client.post("/search", json={"vectors": _payload(np.zeros((1, 3), np.float32)), "k": 1})
+    assert r.json()["detail"] == "queries have dimension 3 but the index keys have dimension 16"
+    r = client.post("/search", json={"vectors": _payload(np.zeros((5, D), np.float32)), "k": 1})
+    assert (r.status_code, r.json()["detail"]) == (413, "5 queries; at most 4 per request")
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda text: text.encode("utf-16"),  # json.loads detects UTF-16/32; pydantic-core's parser does not
+        lambda text: b"\xef\xbb\xbf" + text.encode(),  # a UTF-8 byte order mark, likewise
+        lambda text: text.replace('"G3"', '"G\\u0033"').encode(),  # escapes, parsed by pydantic-core
+    ],
+)
+def test_search_json_body_parsed_as_json_loads_does(client: TestClient, encode) -> None:
+    text = json.dumps({"genes": ["G3"], "k": 3, "cell_types": ["K562"]})
+    plain = client.post("/search", content=text.encode(), headers={"content-type": "application/json"})
+    other = client.post("/search", content=encode(text), headers={"content-type": "application/json"})
+    assert plain.status_code == other.status_code == 200
+    assert other.json() == plain.json()
+
+
+def test_search_json_body_parsed_by_pydantic_core(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed = []
+    from_json = app_mod.pydantic_core.from_json
+    monkeypatch.setattr(app_mod.pydantic_core, "from_json", lambda b, **kw: parsed.append(b) or from_json(b, **kw))
+    body = json.dumps({"vectors": [[0.25] * D], "k": 1}).encode()
+    assert client.post("/search", content=body, headers={"content-type": "application/json"}).status_code == 200
+    assert parsed == [body]
+
+
+def test_query_vectors_are_float32_in_either_form() -> None:
+    q = np.random.default_rng(12).standard_normal((2, 3))  # float64: both forms give float32(q)
+    for vectors in (q.tolist(), _payload(q), _payload(q.astype(np.float32))):
+        got = SearchRequest.model_validate({"vectors": vectors}).query_vectors()
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, q.astype(np.float32))
+    assert SearchRequest.model_validate({"genes": ["G1"]}).query_vectors() is None
+
+
+def test_search_invalid_json_is_422(client: TestClient) -> None:
+    r = client.post("/search", content=b'{"genes": ["G1"],', headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert r.json() == {
+        "detail": [
+            {
+                "type": "json_invalid",
+                "loc": ["body", 17],
+                "msg": "JSON decode error",
+                "input": {},
+                "ctx": {"error": "Expecting property name enclosed in double quotes"},
+            }
+        ]
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "inline_max", "inline"),
+    [
+        ({"genes": ["G3", "G1+G2"], "k": 4}, float("inf"), True),
+        ({"genes": ["G3", "G1+G2"], "k": 4}, 0, False),
+        ({"genes": ["G3", "G1+G2"], "k": 4}, 2 * 32 * D, True),  # 2 queries x 32 keys x 16 dims
+        ({"genes": ["G3", "G1+G2"], "k": 4}, 2 * 32 * D - 1, False),
+        ({"genes": ["G3", "TP5"], "k": 4}, float("inf"), False),  # unknown gene: a fuzzy match, off the loop
+        ({"vectors": [[0.5] * D], "k": 4, "exclude_ids": [3]}, float("inf"), True),
+    ],
+)
+def test_search_inline_or_threadpool_same_answer(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, body: dict, inline_max: float, inline: bool
+) -> None:
+    # cheap searches run on the event loop, others in the threadpool; the answer is the same either way
+    threads = []
+    search = app_mod._search
+    monkeypatch.setattr(app_mod, "_search", lambda *a: threads.append(threading.get_ident()) or search(*a))
+    monkeypatch.setattr(app_mod, "INLINE_MAX_WORK", inline_max)
+    got = client.post("/search", json=body)
+    monkeypatch.setattr(app_mod, "INLINE_MAX_WORK", 0)  # the reference: always in the threadpool
+    reference = client.post("/search", json=body)
+    assert (got.status_code, got.json()) == (reference.status_code, reference.json())
+    loop_thread = client.portal.call(threading.get_ident)
+    assert (threads[0] == loop_thread) is inline
+    assert threads[1] != loop_thread
+
+
+def test_runs_inline_needs_an_index_estimate(store: Store) -> None:
+    body = SearchRequest.model_validate({"genes": ["G3"], "k": 1})
+    assert app_mod._runs_inline(body, store)  # 32 keys x 16 dims: cheap
+    assert not app_mod._runs_inline(body, types.SimpleNamespace(query=store.query))  # a stand-in without one
 
 
 def test_search_exclude_self_cell_type(client: TestClient) -> None:
@@ -354,11 +508,31 @@ def _assert_parity(remote: RetrievalClient, store: Store) -> None:
     assert remote.attrs == store.attrs
 
 
-def test_client_parity_in_process(store_dir: Path, store: Store) -> None:
+@pytest.mark.parametrize("vector_encoding", ["base64", "json"])
+def test_client_parity_in_process(store_dir: Path, store: Store, vector_encoding: str) -> None:
     app = create_app(Settings(index_dir=store_dir, load_in_background=False))
-    with TestClient(app) as tc, RetrievalClient(http_client=tc) as remote:
+    with TestClient(app) as tc, RetrievalClient(http_client=tc, vector_encoding=vector_encoding) as remote:
         assert remote.healthy() and remote.ready()
         _assert_parity(remote, store)
+
+
+def test_client_vector_encoding_on_the_wire() -> None:
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content)["vectors"])
+        hit = {"query": None, "ids": [0], "scores": [0.5], "cell_types": ["A"], "labels": ["G1"], "profiles": {}}
+        return httpx.Response(200, json={"k": 1, "results": [hit]})
+
+    q = np.array([[0.1, -2.5, 3.0]], np.float64)  # sent as float32 either way
+    for encoding in ("base64", "json"):
+        with RetrievalClient("http://svc", transport=httpx.MockTransport(handler), vector_encoding=encoding) as c:
+            scores, ids = c.search(q, 1)
+            assert (scores.tolist(), ids.tolist()) == ([[0.5]], [[0]])
+    assert sent[0] == _payload(q.astype(np.float32))
+    assert sent[1] == q.astype(np.float32).tolist()
+    with pytest.raises(ValueError, match=r"vector_encoding 'npy' is not one of \('base64', 'json'\)"):
+        RetrievalClient("http://svc", vector_encoding="npy")
 
 
 def test_client_maps_errors_to_in_process_types(client: TestClient) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from retrieval_service.embeddings import GeneEmbeddings
@@ -296,3 +296,96 @@ def test_labels_and_unknown_genes() -> None:
     assert "'TP5' (did you mean" in str(err) and "'XYZZY'" in str(err)
     with pytest.raises(InvalidQueryError, match=r"malformed perturbation label 'MYC\+'"):
         idx.search_labels(["MYC+"], 1)
+
+
+# --- the unfiltered fast path --------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@example(n_keys=17, n_q=1, k=16, seed=0, levels=0)  # one key more than k: the smallest partition
+@example(n_keys=16, n_q=1, k=16, seed=0, levels=2)  # exactly k keys, with ties
+@example(n_keys=5, n_q=2, k=16, seed=1, levels=0)  # fewer keys than k: padding
+@example(n_keys=4096, n_q=1, k=16, seed=2, levels=5)  # the first width of the two-stage top-k at k=16
+@given(
+    n_keys=st.integers(1, 6000),
+    n_q=st.integers(1, 3),
+    k=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    levels=st.sampled_from([0, 2, 5]),
+)
+def test_unfiltered_fast_path_equals_general_path(n_keys: int, n_q: int, k: int, seed: int, levels: int) -> None:
+    # search() without filters or exclusions takes _search_plain; it must return exactly what the general exact
+    # path returns: same ids (ties in id order), bit-identical scores, same padding. Few levels make many ties;
+    # more than 4096 columns at k=16 goes through the two-stage top-k.
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, levels, (n_keys, 4)).astype(np.float32) if levels else _unit(rng, n_keys, 4)
+    q = rng.integers(-1, 2, (n_q, 4)).astype(np.float32) if levels else _unit(rng, n_q, 4)
+    idx = RetrievalIndex(keys, cell_types=["A"] * n_keys, labels=[f"p{i}" for i in range(n_keys)])
+    calls = []
+    idx._search_exact = lambda *a: calls.append(a) or RetrievalIndex._search_exact(idx, *a)
+    scores, ids = idx.search(q, k)
+    assert not calls  # the fast path ran
+    empty = np.zeros(0, np.int64)
+    ref_scores, ref_ids = RetrievalIndex._search_exact(idx, q, k, None, empty, empty)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(scores, ref_scores)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == (n_q, k)
+    valid = np.ones((n_q, n_keys), bool)
+    _check(keys, q, k, valid, scores, ids, exact=True)
+    # an empty exclusion or an all-allowing filter takes the general path, with the same answer
+    for kw in ({"exclude": []}, {"cell_types": "A"}, {"exclude_cell_types": "B"}):
+        s2, i2 = idx.search(q, k, **kw)
+        np.testing.assert_array_equal(i2, ids)
+        np.testing.assert_array_equal(s2, scores)
+    assert len(calls) == 3
+
+
+def test_fast_path_only_for_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    import retrieval_service.index as index_mod
+
+    rng = np.random.default_rng(8)
+    keys, q = _unit(rng, 3000, 8), _unit(rng, 4, 8)
+    idx = RetrievalIndex(keys, cell_types=["A"] * 3000, labels=[f"p{i}" for i in range(3000)])
+    whole = idx.search(q, 7)
+    monkeypatch.setattr(index_mod, "SCORE_BLOCK_BYTES", 4 * 4 * 1000)  # 3 blocks: the general, blocked path
+    plain = []
+    monkeypatch.setattr(idx, "_search_plain", lambda *a: plain.append(a))
+    blocked = idx.search(q, 7)
+    assert not plain
+    np.testing.assert_array_equal(blocked[1], whole[1])
+    np.testing.assert_array_equal(blocked[0], whole[0])
+
+
+def test_overflowing_query_is_padding_on_both_paths() -> None:
+    keys = np.array([[2, 0], [-2, 0], [0, 1]], np.float32)
+    idx = RetrievalIndex(keys, cell_types=["A"] * 3, labels=list("abc"))
+    q = np.array([[3e38, 0]], np.float32)  # finite, but its products overflow to +-inf
+    for kw in ({}, {"exclude": []}):
+        with np.errstate(over="ignore"):
+            scores, ids = idx.search(q, 3, **kw)
+        assert ids.tolist() == [[0, 2, -1]]
+        assert scores[0, 0] == np.inf and scores[0, 1] == 0 and np.isneginf(scores[0, 2])
+
+
+def test_search_work_and_knows_labels() -> None:
+    rng = np.random.default_rng(9)
+    symbols = ("TP53", "MYC", "KRAS")
+    emb = GeneEmbeddings(symbols, rng.standard_normal((3, 8)).astype(np.float32), "t")
+    keys, _ = emb.perturbation_vectors([("TP53",), ("MYC",), ("KRAS", "MYC")])
+    flat = RetrievalIndex(keys, cell_types=["A"] * 3, labels=["TP53", "MYC", "KRAS+MYC"], embeddings=emb)
+    assert flat.search_work(2) == 2 * 3 * 8
+    hnsw = RetrievalIndex(
+        keys, cell_types=["A"] * 3, labels=["TP53", "MYC", "KRAS+MYC"], embeddings=emb,
+        spec=IndexSpec(type="hnsw", hnsw_m=4, ef_search=40),
+    )  # fmt: skip
+    assert hnsw.search_work(1) == 4 * 40 * 4 * 8
+    hnsw.set_search_params(ef_search=100)
+    assert hnsw.search_work(3) == 4 * 3 * 100 * 4 * 8
+    ivf_keys = _unit(rng, 100, 8)
+    ivf = RetrievalIndex(ivf_keys, cell_types=["A"] * 100, labels=list(map(str, range(100))),
+                         spec=IndexSpec(type="ivf", nlist=2, nprobe=1))  # fmt: skip
+    assert ivf.search_work(1) == 2 * (2 + 1 * 100 / 2) * 8
+    assert flat.knows_labels(["TP53", "MYC + KRAS"])
+    assert not flat.knows_labels(["TP53", "MYC+TP5"])
+    assert not flat.knows_labels(["MYC+"])
+    assert not RetrievalIndex(keys, cell_types=["A"] * 3, labels=list("abc")).knows_labels(["TP53"])
