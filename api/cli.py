@@ -115,7 +115,10 @@ def _command_line() -> str:
     import shlex
     from pathlib import Path
 
-    return shlex.join(["ptrag", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ptrag" else shlex.join(sys.argv)
+    # `ptrag ...` and `python -m api.cli ...` run the same command: record it the way users type it
+    return (
+        shlex.join(["ptrag", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("ptrag", "cli.py") else shlex.join(sys.argv)
+    )
 
 
 def _print_report(report: str) -> None:

@@ -363,3 +363,12 @@ def test_plot_training_curves(tmp_path: Path):
 def test_plot_training_curves_without_validation(tmp_path: Path):
     path = plot_training_curves({"run": [{"step": s, "loss": 1.0 / s} for s in range(1, 30)]}, tmp_path / "c.png")
     assert_png(path)
+
+
+def test_best_models_can_leave_out_a_reference_row():
+    summary = pd.DataFrame({"model": ["a", "ceiling", "b"], "metric": "r", "mean": [0.2, 0.9, 0.5],
+                            "lo": [0.1, 0.8, 0.4], "hi": [0.3, 1.0, 0.6], "n": 3})  # fmt: skip
+    assert best_models(summary, {"r": True}) == {"r": "ceiling"}
+    assert best_models(summary, {"r": True}, exclude=["ceiling"]) == {"r": "b"}
+    table = markdown_table(summary, {"r": True}, metrics=["r"], exclude_from_best=["ceiling"])
+    assert "**0.500 [0.400, 0.600]**" in table and "**0.900" not in table

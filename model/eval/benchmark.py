@@ -433,7 +433,7 @@ def write_benchmark_report(config: BenchmarkConfig, scores: pd.DataFrame) -> Pat
     figures: dict[str, Path] = {}
     headline = [m for m in _HEADLINE if m in metrics]
     figures["Metrics (mean, 95% bootstrap CI)"] = plot_metric_bars(
-        summary, directions, out / "metrics.png", metrics=headline, model_order=order
+        summary, directions, out / "metrics.png", metrics=headline, model_order=order, exclude_from_best=(CEILING,)
     )
     seed0 = config.out / f"seed{config.seeds[0]}"
     examples = []
@@ -469,7 +469,8 @@ def write_benchmark_report(config: BenchmarkConfig, scores: pd.DataFrame) -> Pat
     meta = _meta(config, scores)
     sections = _extra_sections(config, scores, summary)
     return write_report(out, scores, directions=directions, metrics=metrics, meta=meta, figures=figures,
-                        labels=labels, model_order=order, extra_sections=sections)  # fmt: skip
+                        labels=labels, model_order=order, extra_sections=sections,
+                        exclude_from_best=(CEILING,))  # fmt: skip
 
 
 _HEADLINE = ("pearson_delta", "pearson_delta_top20", "pearson_delta_systema", "mse_mean", "discrimination",
@@ -486,7 +487,7 @@ def _meta(config: BenchmarkConfig, scores: pd.DataFrame) -> dict[str, Any]:
             splits[seed] = f"`{s.split_id}` ({len(s.train)} train / {len(s.val)} val / {len(s.test)} test pairs)"
     n_pairs = scores.groupby("seed")["perturbation"].nunique().to_dict()
     return {
-        "command": f"`{config.command}`" if config.command else "(library call)",
+        "command": config.command or "(library call)",
         "data": f"`{config.data}`" + (f", cell types {list(config.cell_types)}" if config.cell_types else ""),
         "embeddings": f"`{config.embeddings}`",
         "split": f"{config.split_kind}"

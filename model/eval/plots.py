@@ -64,6 +64,7 @@ def plot_metric_bars(
     *,
     metrics: Sequence[str],
     model_order: Sequence[str] | None = None,
+    exclude_from_best: Sequence[str] = (),
 ) -> Path:
     """One panel per metric: a horizontal bar per model (mean) with its CI (``lo``, ``hi``) as error bars.
 
@@ -80,7 +81,8 @@ def plot_metric_bars(
         raise ValueError(msg)
     _check_directions(metrics, directions)
     models = _models_in_order(summary, model_order)
-    best = best_models(summary[summary["metric"].isin(metrics)], directions, model_order=models)
+    best = best_models(summary[summary["metric"].isin(metrics)], directions, model_order=models,
+                       exclude=exclude_from_best)  # fmt: skip
 
     nrows, ncols = _grid(len(metrics), 4)
     panel_h = max(1.8, 0.32 * len(models) + 1.0)

@@ -194,15 +194,17 @@ def best_models(
     directions: Mapping[str, bool | None],
     *,
     model_order: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
 ) -> dict[str, str]:
-    """Metric -> the model with the best mean (ties: the first in model order).
+    """Metric -> the model with the best mean (ties: the first in model order), ``exclude`` left out (e.g. the
+    split-half ceiling, a reference rather than a contender).
 
     Metrics whose direction is None, and metrics with no finite mean, get no entry. Model order is
     ``model_order`` (then the remaining models), else the order of first appearance in ``summary``.
     """
     metrics = list(pd.unique(summary["metric"]))
     _check_directions(metrics, directions)
-    models = _models_in_order(summary, model_order)
+    models = [m for m in _models_in_order(summary, model_order) if m not in set(exclude)]
     best = {}
     for metric in metrics:
         higher = directions[metric]
@@ -234,6 +236,7 @@ def markdown_table(
     metrics: Sequence[str],
     model_order: Sequence[str] | None = None,
     digits: int = 3,
+    exclude_from_best: Sequence[str] = (),
 ) -> str:
     """A Markdown table: one row per model, one column per metric, cells ``mean [lo, hi]``.
 
@@ -249,7 +252,7 @@ def markdown_table(
     _check_directions(metrics, directions)
     models = _models_in_order(summary, model_order)
     sub = summary[summary["metric"].isin(metrics)]
-    best = best_models(sub, directions, model_order=models)
+    best = best_models(sub, directions, model_order=models, exclude=exclude_from_best)
     cells = sub.set_index(["model", "metric"])
 
     lines = [
@@ -316,6 +319,7 @@ def write_report(
     extra_sections: Sequence[tuple[str, str]] = (),
     title: str = "PT-RAG benchmark report",
     ci: float = 0.95,
+    exclude_from_best: Sequence[str] = (),
 ) -> Path:
     """Write ``report.md``, ``scores.csv`` and ``summary.csv`` into ``out_dir`` (created if needed).
 
@@ -364,9 +368,10 @@ def write_report(
         "",
         f"{len(models)} model(s), {n_pairs} (cell type, perturbation) pair(s), {n_seeds} seed(s). Cells are "
         f"`mean [lo, hi]`: the mean over (cell type, perturbation, seed) rows and its {ci:.0%} percentile-bootstrap "
-        f"interval ({n_boot} resamples of the rows, seed {seed}). The best model per metric is in **bold**.",
+        f"interval ({n_boot} resamples of the rows, seed {seed}). The best model per metric is in **bold**"
+        + (f" ({', '.join(exclude_from_best)} not competing)." if exclude_from_best else "."),
         "",
-        markdown_table(summary, directions, metrics=metrics, model_order=models),
+        markdown_table(summary, directions, metrics=metrics, model_order=models, exclude_from_best=exclude_from_best),
         "### Metrics",
         "",
     ]
