@@ -72,7 +72,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="last step: index (data only), train (plus the serving model), benchmark (all)")  # fmt: skip
     p.add_argument("--no-benchmark", dest="stop_after", action="store_const", const="train",
                    help="same as --stop-after train: the data, index and serving model, no benchmark")  # fmt: skip
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="benchmark seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="benchmark seeds (e.g. 0 1 2)")
     p.add_argument("--bench-steps", type=int, default=120, help="training steps per neural model in the benchmark")
     p.add_argument("--models", nargs="+", default=None, help="models to benchmark (default: all)")
     p.set_defaults(func=_run)
