@@ -518,7 +518,8 @@ def _extra_sections(config: BenchmarkConfig, scores: pd.DataFrame, summary: pd.D
     body = (
         "L2 norm of each model's predicted mean shift (`pred_shift_l2`) beside the observed one (`obs_shift_l2`, "
         "observed cells vs held-out controls; for the ceiling, half the cells) and the number of observed DE genes "
-        "at FDR 0.05. On perturbations without effect a calibrated model predicts a shift near the ceiling's.\n\n"
+        "at FDR 0.05. On perturbations without effect a calibrated model predicts a shift near zero; the observed and "
+        "ceiling shifts then measure only sampling noise (fewer cells, more noise).\n\n"
         + _markdown(shift.round(3).reset_index())
     )
     sections.append(("Predicted shift size", body))
