@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import types
@@ -126,24 +129,33 @@ def test_readyz_reports_load_failure(tmp_path: Path) -> None:
         assert body["detail"] == f"FileNotFoundError: index directory {tmp_path / 'missing'} does not exist"
 
 
-def test_search_threads_limited_while_serving_and_restored(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import faiss
-    from threadpoolctl import threadpool_info
+def test_search_threads_limited_while_serving_and_restored(store_dir: Path) -> None:
+    # In a fresh interpreter: another test module loads an OpenMP build of OpenBLAS into the pytest process, after
+    # which threadpoolctl no longer changes numpy's OpenBLAS there, and this check would fail for that reason alone.
+    code = textwrap.dedent(f"""
+        import faiss
+        from threadpoolctl import threadpool_info
+        from fastapi.testclient import TestClient
+        from retrieval_service.app import Settings, create_app
 
-    def numpy_blas_threads() -> list[int]:
-        return [lib["num_threads"] for lib in threadpool_info() if "scipy_openblas" in lib["filepath"]]
+        def numpy_blas_threads():
+            return [lib["num_threads"] for lib in threadpool_info() if "scipy_openblas" in lib["filepath"]]
 
-    omp_calls = []
-    monkeypatch.setattr(faiss, "omp_set_num_threads", omp_calls.append)
-    before = numpy_blas_threads()
-    assert before  # numpy's OpenBLAS is found
-    with TestClient(create_app(Settings(index_dir=store_dir, search_threads=1, load_in_background=False))) as c:
-        assert set(numpy_blas_threads()) == {1}  # process-wide
-        assert c.post("/search", json={"genes": ["G1"], "k": 1}).status_code == 200
-        assert omp_calls == [1]  # OpenMP is per thread: set in the thread that searched
-        assert c.post("/search", json={"genes": ["G2"], "k": 1}).status_code == 200
-        assert omp_calls == [1]  # once per thread, not per request
-    assert numpy_blas_threads() == before
+        omp_calls = []
+        faiss.omp_set_num_threads = omp_calls.append
+        before = numpy_blas_threads()
+        assert before, "numpy's OpenBLAS not found"
+        settings = Settings(index_dir={str(store_dir)!r}, search_threads=1, load_in_background=False)
+        with TestClient(create_app(settings)) as c:
+            assert set(numpy_blas_threads()) == {{1}}, numpy_blas_threads()  # process-wide
+            assert c.post("/search", json={{"genes": ["G1"], "k": 1}}).status_code == 200
+            assert omp_calls == [1], omp_calls  # OpenMP is per thread: set in the thread that searched
+            assert c.post("/search", json={{"genes": ["G2"], "k": 1}}).status_code == 200
+            assert omp_calls == [1], omp_calls  # once per thread, not per request
+        assert numpy_blas_threads() == before, (numpy_blas_threads(), before)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_settings_are_app_state_not_a_dependency_override(store_dir: Path) -> None:
