@@ -161,16 +161,10 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 def _benchmark(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from model.config import read_config_file
     from model.eval.benchmark import BenchmarkConfig, run_benchmark, write_benchmark_report
 
-    train: dict = {}
-    if args.train_config:
-        import tomllib
-
-        import yaml
-
-        text = Path(args.train_config).read_text(encoding="utf-8")
-        train = tomllib.loads(text) if args.train_config.endswith(".toml") else (yaml.safe_load(text) or {})
+    train = read_config_file(args.train_config) if args.train_config else {}
     data = Path(args.data)
     out = Path(args.out)
     if args.layer or args.obsm_key or not _is_prepared(data):

@@ -10,7 +10,7 @@ from typing import Any
 
 from model.data.reading import DEFAULT_CELL_TYPE_COL, DEFAULT_CONTROL_LABEL, DEFAULT_PERT_COL
 
-__all__ = ["VARIANTS", "TrainConfig"]
+__all__ = ["VARIANTS", "TrainConfig", "read_config_file"]
 
 VARIANTS = ("ptrag", "vanilla_rag", "no_retrieval", "random_retrieval")
 
@@ -83,22 +83,26 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
         """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file; ``overrides`` win over it."""
-        path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".toml":
-            import tomllib
-
-            values = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            msg = f"config {path} must be .yaml, .yml or .toml"
-            raise ValueError(msg)
+        values = read_config_file(path)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             msg = f"unknown field(s) {unknown} in {path}; known fields: {sorted(known)}"
             raise ValueError(msg)
         return cls(**{**values, **overrides})
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping in a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    msg = f"config {path} must be .yaml, .yml or .toml"
+    raise ValueError(msg)

@@ -28,7 +28,7 @@ from model.index_build import build_perturbation_index
 from retrieval_service.atomic import atomic_path, atomic_write_text
 from retrieval_service.embeddings import GeneEmbeddings, load_embeddings
 
-__all__ = ["DEFAULT_TARGET_CELL_TYPE", "STOP_AFTER", "RunConfig", "run_main_job"]
+__all__ = ["DEFAULT_TARGET_CELL_TYPE", "STOP_AFTER", "RunConfig", "cached_h5ad", "run_main_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def run_main_job(config: RunConfig) -> dict:
 
     with _Step(timings, "data"):
         data_path, emb_path = _dataset(config, out)
-        cells = _cached_h5ad(
+        cells = cached_h5ad(
             out / "cells.h5ad",
             lambda: load_prepared(
                 data_path, layer=config.layer, obsm_key=config.obsm_key, n_top_genes=config.n_top_genes,
@@ -130,7 +130,7 @@ def run_main_job(config: RunConfig) -> dict:
         )  # fmt: skip
 
     with _Step(timings, "profiles"):
-        profiles = _cached_h5ad(
+        profiles = cached_h5ad(
             out / "profiles.h5ad",
             lambda: compute_profiles(
                 cells, control_label=config.control_label, n_sample_cells=config.n_sample_cells,
@@ -212,7 +212,7 @@ def _benchmark(config: RunConfig, out: Path, emb_path: Path) -> Path:
     return write_benchmark_report(bench, run_benchmark(bench))
 
 
-def _cached_h5ad(path: Path, make: Callable[[], ad.AnnData]) -> ad.AnnData:
+def cached_h5ad(path: Path, make: Callable[[], ad.AnnData]) -> ad.AnnData:
     """The AnnData at ``path`` if a previous run wrote it, else ``make()`` written there atomically."""
     if path.exists():
         return ad.read_h5ad(path)

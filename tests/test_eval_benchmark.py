@@ -181,3 +181,18 @@ def test_ceiling_reference_row_is_replaced_not_shared():
     np.testing.assert_array_equal(ref.means, np.arange(6.0).reshape(3, 2))  # the shared reference is untouched
     with pytest.raises(ValueError, match="'Z'"):
         _replace_row(ref, "Z", np.zeros(2))
+
+
+def test_config_files_read_as_mappings_for_train_and_benchmark(tmp_path):
+    from model.config import read_config_file
+
+    (tmp_path / "a.yaml").write_text("d_model: 16\nlr: 0.01\n")
+    (tmp_path / "a.toml").write_text("d_model = 16\nlr = 0.01\n")
+    (tmp_path / "a.json").write_text("{}")
+    assert read_config_file(tmp_path / "a.yaml") == read_config_file(tmp_path / "a.toml") == {"d_model": 16, "lr": 0.01}
+    assert TrainConfig.from_file(tmp_path / "a.toml", lr=0.5).lr == 0.5
+    with pytest.raises(ValueError, match=r"must be \.yaml, \.yml or \.toml"):
+        read_config_file(tmp_path / "a.json")
+    (tmp_path / "b.yaml").write_text("d_modle: 16\n")
+    with pytest.raises(ValueError, match="d_modle"):
+        TrainConfig.from_file(tmp_path / "b.yaml")

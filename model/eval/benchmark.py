@@ -56,6 +56,7 @@ from model.eval.metrics import (
     split_half,
 )
 from model.index_build import build_perturbation_index
+from model.pipeline import cached_h5ad
 from retrieval_service.atomic import atomic_path, atomic_write_text
 from retrieval_service.embeddings import GeneEmbeddings, load_embeddings
 
@@ -161,6 +162,7 @@ class _Seed:
     eval_controls: dict[str, np.ndarray]  # cell type -> row indices of its evaluation-half controls
     pca: PCABasis | None = None
     observed: dict[tuple[str, str], Any] = field(default_factory=dict)  # pair -> ObservedGroup, shared by the models
+    ctrl_eval: dict[str, np.ndarray] = field(default_factory=dict)  # cell type -> (e, G) dense evaluation controls
 
 
 def run_benchmark(config: BenchmarkConfig) -> pd.DataFrame:
@@ -191,7 +193,7 @@ def run_benchmark(config: BenchmarkConfig) -> pd.DataFrame:
 
 
 def _context(config: BenchmarkConfig) -> _Context:
-    cells = ad.read_h5ad(config.data)
+    cells = all_cells = ad.read_h5ad(config.data)
     for col in (config.pert_col, config.cell_type_col):
         if col not in cells.obs.columns:
             msg = f"column {col!r} not in {config.data}; available: {list(cells.obs.columns)}"
@@ -203,11 +205,9 @@ def _context(config: BenchmarkConfig) -> _Context:
         if missing:
             msg = f"cell type(s) {missing} not in {config.data}; present: {sorted(present)}"
             raise ValueError(msg)
-        cells = cells[cells.obs[config.cell_type_col].astype(str).isin(config.cell_types).to_numpy()].copy()
+        keep = cells.obs[config.cell_type_col].astype(str).isin(config.cell_types).to_numpy()
         data_path = config.out / "cells.h5ad"
-        if not data_path.exists():
-            with atomic_path(data_path) as tmp:
-                cells.write_h5ad(tmp)
+        cells = cached_h5ad(data_path, lambda: all_cells[keep].copy())
     embeddings = load_embeddings(config.embeddings)
     cell_type = cells.obs[config.cell_type_col].astype(str).to_numpy()
     pert = cells.obs[config.pert_col].astype(str).to_numpy()
@@ -252,18 +252,15 @@ def _prepare_seed(ctx: _Context, seed: int) -> _Seed:
         with atomic_path(excl_path) as tmp, open(tmp, "wb") as fh:
             np.save(fh, excluded)
     columns = {"pert_col": config.pert_col, "cell_type_col": config.cell_type_col}
-    prof_path = seed_dir / "profiles.h5ad"
-    if prof_path.exists():
-        profiles = ad.read_h5ad(prof_path)
-    else:
-        model_cells = np.ones(cells.n_obs, dtype=bool)
-        model_cells[excluded] = False
-        profiles = compute_profiles(
+    model_cells = np.ones(cells.n_obs, dtype=bool)
+    model_cells[excluded] = False
+    profiles = cached_h5ad(
+        seed_dir / "profiles.h5ad",
+        lambda: compute_profiles(
             cells[model_cells], control_label=config.control_label, n_sample_cells=config.n_sample_cells,
             rng=np.random.default_rng([seed, _SEED_STREAMS["profiles"]]), **columns,
-        )  # fmt: skip
-        with atomic_path(prof_path) as tmp:
-            profiles.write_h5ad(tmp)
+        ),
+    )  # fmt: skip
     split_path = seed_dir / "split.json"
     if split_path.exists():
         split = Split.load(split_path)
@@ -337,7 +334,9 @@ def _score_model(ctx: _Context, state: _Seed, name: str) -> pd.DataFrame:
         pool = state.model_controls[ct]
         ctrl = _dense(ctx.cells.X[np.sort(rng.choice(pool, size=n, replace=pool.size < n))])  # (n, G)
         observed = _dense(ctx.cells.X[observed_rows])  # (m, G)
-        ctrl_eval = _dense(ctx.cells.X[state.eval_controls[ct]])  # (e, G)
+        if ct not in state.ctrl_eval:  # the same cells for every pair of the cell type: densified once
+            state.ctrl_eval[ct] = _dense(ctx.cells.X[state.eval_controls[ct]])
+        ctrl_eval = state.ctrl_eval[ct]  # (e, G)
         split_rng = np.random.default_rng([state.seed, _SEED_STREAMS["cells"], i, 1])
         candidates = None
         reference = ctx.references[ct]
