@@ -361,7 +361,7 @@ def predict(body: PredictRequest, request: Request, service: ServiceDep, setting
         ctrl, warnings = _align_controls(body.control_cells, service, body.cell_type)
     try:
         items = predictor.make_items(body.cell_type, body.perturbations, n_cells=body.n_cells, seed=body.seed,
-                                     ctrl=ctrl, batch=body.batch)  # fmt: skip
+                                     ctrl=ctrl, batch=body.batch, cells=body.return_cells)  # fmt: skip
     except UnknownGeneError as err:
         raise ServiceError(422, "unknown_gene", str(err), unknown=err.genes, suggestions=err.suggestions) from None
     except ValueError as err:  # a malformed label, the control label, control cells that overflow float32
@@ -455,8 +455,8 @@ def _prediction(p: Prediction, genes: list[str], *, top_n: int, cells: bool) -> 
     return PerturbationPrediction(
         perturbation=p.perturbation,
         delta=delta.tolist(),
-        profile=p.cells.mean(0).tolist(),
-        cells=p.cells.tolist() if cells else None,
+        profile=p.mean.tolist(),
+        cells=p.cells.tolist() if cells and p.cells is not None else None,
         top_up=[TopGene(gene=genes[j], delta=float(delta[j])) for j in up],
         top_down=[TopGene(gene=genes[j], delta=float(delta[j])) for j in down],
         candidates=[Candidate(**dict(zip(_CANDIDATE_FIELDS, row, strict=True))) for row in zip(*columns, strict=True)],

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import anndata as ad
@@ -52,18 +52,19 @@ MAX_FORWARD_CELLS = 16_384  # control cells (B * S) per forward pass; more are s
 
 @dataclass
 class Prediction:
-    """One perturbation's predicted cell set and the candidates that explain it."""
+    """One perturbation's predicted cell set (or its mean) and the candidates that explain it."""
 
     perturbation: str
-    cells: np.ndarray  # (n_cells, G) predicted cells
+    mean: np.ndarray  # (G,) predicted pseudobulk profile: the mean of the predicted cells
     ctrl: np.ndarray  # (n_cells, G) the control cells they were generated from
     candidates: pd.DataFrame  # columns: id, cell_type, perturbation, cosine, score, weight, selected
+    cells: np.ndarray | None = None  # (n_cells, G) predicted cells; None when the item asked for the mean only
     warnings: list[str] = field(default_factory=list)  # alias resolution, zero-shot cell type
 
     @property
     def delta(self) -> np.ndarray:
         """(G,) predicted pseudobulk change from the control cells."""
-        return self.cells.mean(0) - self.ctrl.mean(0)
+        return self.mean - self.ctrl.mean(0)
 
 
 @dataclass
@@ -78,6 +79,8 @@ class PredictItem:
     seed: int = 0  # random_retrieval's candidate draw
     query_label: str | None = None  # the label with alias-resolved symbols, as retrieval sees it; None: perturbation
     warnings: list[str] = field(default_factory=list)
+    cells: bool = True  # predict every cell; False: only their mean (Prediction.cells is None), ~1/3 less work
+    ctrl_rows: np.ndarray | None = None  # (S,) rows of Predictor.controls[cell_type] that ctrl holds, if drawn there
 
 
 class Predictor:
@@ -103,6 +106,22 @@ class Predictor:
         self.table = CandidateTable.from_store(store, self.cell_types)
         self.aliases: dict[str, str] = dict(aliases or {})
         self.store_cell_types: set[str] = {str(c) for c in store.cell_types}  # with training entries to retrieve
+        # Work that depends on a cached control cell or a store entry alone, done once here instead of per request.
+        with torch.no_grad():
+            self.control_tokens: dict[str, torch.Tensor] = {
+                ct: _chunked(lambda x: self.model.cells.mlp(x.to(device)).cpu(), torch.from_numpy(cells))
+                for ct, cells in self.controls.items()
+            }  # {cell type: (n_cached, d)}
+            self.cand_codes = self._encode_store() if self.model.profiles is not None else None
+
+    def _encode_store(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``PTRAG.encode_candidates`` of every store entry, plus a last row for padding (an all-zero candidate,
+        which is what ``CandidateTable.gather`` hands the model for one): (N + 1, d) each, on CPU."""
+        emb = torch.cat([self.table.keys, self.table.keys.new_zeros(1, self.table.keys.shape[1])])  # (N + 1, E)
+        delta = torch.cat([self.table.delta, self.table.delta.new_zeros(1, self.table.delta.shape[1])])  # (N + 1, G)
+        proj = _chunked(lambda x: self.model.emb(x.to(self.device)).cpu(), emb)
+        profile = _chunked(lambda x: self.model.profiles(x.to(self.device)).cpu(), delta)
+        return proj, profile
 
     @classmethod
     def load(
@@ -146,15 +165,19 @@ class Predictor:
     def control_cells(self, cell_type: str, *, n_cells: int = 64, seed: int = 0, batch_code: int = -1) -> np.ndarray:
         """``(n_cells, G)`` float32 control cells drawn (seeded) from the checkpoint's cache of ``cell_type``,
         only from technical batch ``batch_code`` when it is not -1."""
-        pool_cells = self.controls[cell_type]
+        return self.controls[cell_type][self.control_rows(cell_type, n_cells=n_cells, seed=seed, batch_code=batch_code)]
+
+    def control_rows(self, cell_type: str, *, n_cells: int = 64, seed: int = 0, batch_code: int = -1) -> np.ndarray:
+        """``(n_cells,)`` rows of ``controls[cell_type]`` that :meth:`control_cells` draws."""
+        pool_rows = np.arange(len(self.controls[cell_type]))
         if batch_code >= 0:
-            pool_cells = pool_cells[self.control_batches[cell_type] == batch_code]
-            if not len(pool_cells):
+            pool_rows = np.flatnonzero(self.control_batches[cell_type] == batch_code)
+            if not len(pool_rows):
                 msg = (f"no cached control cells of cell type {cell_type!r} in batch "
                        f"{self.batches[batch_code]!r}; pass ctrl=")  # fmt: skip
                 raise ValueError(msg)
         rng = np.random.default_rng(seed)
-        return pool_cells[rng.choice(len(pool_cells), size=n_cells, replace=len(pool_cells) < n_cells)]
+        return pool_rows[rng.choice(len(pool_rows), size=n_cells, replace=len(pool_rows) < n_cells)]
 
     def make_items(
         self,
@@ -165,8 +188,11 @@ class Predictor:
         seed: int = 0,
         ctrl: np.ndarray | None = None,
         batch: str | None = None,
+        cells: bool = True,
     ) -> list[PredictItem]:
         """Check a request against the checkpoint and turn it into one :class:`PredictItem` per perturbation.
+
+        ``cells=False`` asks for the mean of the predicted cells only (:attr:`PredictItem.cells`).
 
         Raises ``KeyError`` for an unknown cell type or batch, :class:`UnknownGeneError` (a ``KeyError``) naming
         genes without an embedding (with close matches), ``ValueError`` for a malformed label or control cells.
@@ -186,8 +212,10 @@ class Predictor:
                 msg = f"unknown batch {batch!r}; the model knows {known}"
                 raise KeyError(msg)
             batch_code = self.batches.index(batch)
+        ctrl_rows = None
         if ctrl is None:
-            ctrl = self.control_cells(cell_type, n_cells=n_cells, seed=seed, batch_code=batch_code)
+            ctrl_rows = self.control_rows(cell_type, n_cells=n_cells, seed=seed, batch_code=batch_code)
+            ctrl = self.controls[cell_type][ctrl_rows]
         ctrl = np.asarray(ctrl, dtype=np.float32)
         if ctrl.ndim != 2 or ctrl.shape[1] != len(self.genes) or ctrl.shape[0] < 1:
             msg = f"control cells must be (n_cells, {len(self.genes)}), got {ctrl.shape}"
@@ -216,14 +244,16 @@ class Predictor:
             notes = [f"gene {g!r} resolved through an alias to {resolved[g]!r}" for g in genes if resolved[g] != g]
             query = format_perturbation(resolved[g] for g in genes) if notes else label
             items.append(PredictItem(cell_type=cell_type, perturbation=label, ctrl=ctrl, batch_code=batch_code,
-                                     seed=seed, query_label=query, warnings=shared + notes))  # fmt: skip
+                                     seed=seed, query_label=query, warnings=shared + notes, cells=cells,
+                                     ctrl_rows=ctrl_rows))  # fmt: skip
         return items
 
     def predict_items(self, items: list[PredictItem]) -> list[Prediction]:
         """Predictions for items of any cell types, control sets and batches, in the order given.
 
-        Stage-1 retrieval runs once for all items; items with the same number of control cells S share a
-        forward pass (split so that no pass holds more than :data:`MAX_FORWARD_CELLS` cells). The serving
+        Stage-1 retrieval runs once for all items; items with the same number of control cells S (and the same
+        :attr:`PredictItem.cells`) share a forward pass (split so that no pass holds more than
+        :data:`MAX_FORWARD_CELLS` cells). The serving
         micro-batcher calls this with the items of concurrent requests; an item's prediction does not depend on
         the others beside it, up to float rounding in batched matrix products.
         """
@@ -243,14 +273,14 @@ class Predictor:
         K = queries.cand_ids.shape[1]
         pred: list[np.ndarray] = [np.empty(0, np.float32)] * len(items)
         cos, scores, weights = (np.zeros((len(items), K), np.float32) for _ in range(3))
-        by_size: dict[int, list[int]] = {}
+        groups: dict[tuple[int, bool], list[int]] = {}
         for i, it in enumerate(items):
-            by_size.setdefault(it.ctrl.shape[0], []).append(i)
-        for S, members in by_size.items():
+            groups.setdefault((it.ctrl.shape[0], it.cells), []).append(i)
+        for (S, cells), members in groups.items():
             step = max(1, MAX_FORWARD_CELLS // S)
             for start in range(0, len(members), step):
                 idx = members[start : start + step]
-                out = self._forward(items, queries, idx)  # (B, S, G), then (B, K) three times
+                out = self._forward(items, queries, idx, pool=not cells)  # (B, S or 1, G), then (B, K) x 3
                 for j, i in enumerate(idx):
                     pred[i] = out[0][j]
                 cos[idx], scores[idx], weights[idx] = out[1:]
@@ -266,7 +296,8 @@ class Predictor:
                 "id": queries.cand_ids[b][v], "cell_type": cts[sl].astype(str), "perturbation": labs[sl].astype(str),
                 "cosine": cos[b][v], "score": scores[b][v], "weight": weights[b][v], "selected": weights[b][v] > 0,
             })  # fmt: skip
-            result.append(Prediction(perturbation=it.perturbation, cells=pred[b], ctrl=it.ctrl, candidates=frame,
+            result.append(Prediction(perturbation=it.perturbation, mean=pred[b].mean(0), ctrl=it.ctrl,
+                                     candidates=frame, cells=pred[b] if it.cells else None,
                                      warnings=list(it.warnings)))  # fmt: skip
         return result
 
@@ -289,17 +320,31 @@ class Predictor:
             cand_ids=np.concatenate([q.cand_ids for q in parts]),
         )
 
-    def _forward(self, items: list[PredictItem], queries: QuerySet, idx: list[int]) -> tuple[np.ndarray, ...]:
-        """One forward pass over items ``idx`` (equal S): pred (B, S, G), cosines, scores, weights (B, K)."""
+    def _forward(
+        self, items: list[PredictItem], queries: QuerySet, idx: list[int], *, pool: bool = False
+    ) -> tuple[np.ndarray, ...]:
+        """One forward pass over items ``idx`` (equal S): pred (B, S, G), or (B, 1, G) with ``pool``; cosines,
+        scores, weights (B, K). Precomputed control-cell tokens and candidate codes stand in for the encoders."""
+        cand_ids = queries.cand_ids[idx]  # (B, K)
+        codes = {}
+        if self.cand_codes is not None:
+            rows = torch.from_numpy(np.where(cand_ids >= 0, cand_ids, len(self.table.keys)))  # padding: the last row
+            codes = {"cand_proj": self.cand_codes[0][rows], "cand_profile": self.cand_codes[1][rows]}  # (B, K, d)
+        tokens = None
+        if all(items[i].ctrl_rows is not None for i in idx):
+            tokens = torch.stack([self.control_tokens[items[i].cell_type][torch.from_numpy(items[i].ctrl_rows)]
+                                  for i in idx])  # (B, S, d)  # fmt: skip
         batch = Batch(
             ctrl=torch.from_numpy(np.stack([items[i].ctrl for i in idx])),  # (B, S, G)
             query=torch.from_numpy(queries.query[idx]),
             cell_type=torch.from_numpy(queries.cell_type[idx]),
-            **self.table.gather(queries.cand_ids[idx]),
+            **self.table.gather(cand_ids),
             batch_id=torch.tensor([items[i].batch_code for i in idx], dtype=torch.int64) if self.batches else None,
+            cell_tokens=tokens,
+            **codes,
         ).to(self.device)
         with torch.no_grad():
-            pred, _, info = self.model(batch, stochastic=False)
+            pred, _, info = self.model(batch, stochastic=False, pool=pool)
         cos = torch.einsum("bke,be->bk", batch.cand_emb.float(), batch.query.float())
         return tuple(t.float().cpu().numpy() for t in (pred, cos, info["scores"], info["weights"]))
 
@@ -312,8 +357,9 @@ class Predictor:
         seed: int = 0,
         ctrl: np.ndarray | None = None,
         batch: str | None = None,
+        cells: bool = True,
     ) -> list[Prediction]:
-        """Predicted cells for each perturbation in ``cell_type``.
+        """Predicted cells (or with ``cells=False`` only their mean) for each perturbation in ``cell_type``.
 
         ``ctrl`` ``(S, G)`` gives the control cells to perturb; by default ``n_cells`` are drawn (seeded) from the
         checkpoint's cached controls of ``cell_type``. The query's own (cell type, perturbation) entry is
@@ -321,7 +367,7 @@ class Predictor:
         (``batch_col``); the default control cells then come from that batch, and the model is told it.
         """
         return self.predict_items(self.make_items(cell_type, perturbations, n_cells=n_cells, seed=seed, ctrl=ctrl,
-                                                  batch=batch))  # fmt: skip
+                                                  batch=batch, cells=cells))  # fmt: skip
 
     def predict_anndata(
         self, cell_type: str, perturbations: list[str], *, n_cells: int = 64, seed: int = 0, batch: str | None = None
@@ -342,3 +388,10 @@ class Predictor:
         adata.uns["ptrag_predict"] = {"cell_type": cell_type, "n_cells": n_cells, "seed": seed, "batch": batch or "",
                                       "variant": self.model.config.variant}  # fmt: skip
         return adata
+
+
+def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, rows: int = 4096) -> torch.Tensor:
+    """``fn`` over ``x`` in blocks of rows (bounded memory), concatenated: (N, ...) -> (N, ...)."""
+    if len(x) == 0:
+        return fn(x)
+    return torch.cat([fn(x[i : i + rows]) for i in range(0, len(x), rows)])

@@ -48,6 +48,7 @@ import numpy as np
 from retrieval_service.atomic import atomic_path
 from retrieval_service.embeddings import GeneEmbeddings
 from retrieval_service.manifest import INDEX_TYPES, canonical_label
+from retrieval_service.prefilter import PREFILTER_MIN_KEYS, Int8Prefilter
 
 __all__ = [
     "BACKENDS",
@@ -70,6 +71,7 @@ DEVICES = ("auto", "cpu", "gpu")
 GPU_MAX_K = 2048  # faiss GPU search refuses larger k
 SCORE_BLOCK_BYTES = 256 << 20  # one (n, block) float32 score matrix of the exact path
 _GROUP = 32  # columns per group in the two-stage top-k of wide score rows
+PREFILTER_MAX_QUERIES = 2  # from ~4 queries a BLAS matmul reads each key once for all: the float32 scan wins
 
 
 class UnknownGeneError(KeyError):
@@ -344,6 +346,10 @@ class RetrievalIndex:
         forces one for ``flat`` (``ivf``/``hnsw`` always search through FAISS).
     device
         ``"auto"`` clones to the GPU when faiss-gpu sees one, ``"cpu"`` never, ``"gpu"`` or fail.
+    prefilter
+        Exact one- and two-query searches of the numpy backend through 8-bit codes of the keys plus exact
+        rescoring (:mod:`retrieval_service.prefilter`): ~2x faster at 20k keys, same results, ``N * d`` more
+        bytes of memory. None: when there are at least ``PREFILTER_MIN_KEYS`` keys.
     """
 
     def __init__(
@@ -357,6 +363,7 @@ class RetrievalIndex:
         spec: IndexSpec | None = None,
         backend: str = "auto",
         device: str = "auto",
+        prefilter: bool | None = None,
     ) -> None:
         keys = np.asarray(keys)  # a memmap stays a (base-class) view of the mapped file
         if keys.ndim != 2 or keys.dtype != np.float32 or not keys.flags.c_contiguous:
@@ -397,6 +404,10 @@ class RetrievalIndex:
         self.set_search_params(nprobe=self.spec.nprobe, ef_search=self.spec.ef_search)
         use_faiss = self.spec.type != "flat" or backend == "faiss" or (backend == "auto" and self.on_gpu)
         self.backend = "faiss" if use_faiss else "numpy"
+        if prefilter is None:
+            prefilter = n >= PREFILTER_MIN_KEYS
+        self._prefilter = Int8Prefilter(keys) if prefilter and self.backend == "numpy" and n else None
+        self.prefilter_stats = {"certified": 0, "refetched": 0, "scanned": 0}  # how prefiltered queries ended
         logger.info(
             "retrieval index: %d keys, d=%d, type=%s, backend=%s, %s",
             n, d, self.spec.type, self.backend, "GPU" if self.on_gpu else "CPU",
@@ -589,6 +600,10 @@ class RetrievalIndex:
         """
         q = self._coerce_queries(queries)
         k = self._coerce_k(k)
+        if self._prefilter is not None and 0 < q.shape[0] <= PREFILTER_MAX_QUERIES:
+            allowed = self.allowed_mask(cell_types, exclude_cell_types)
+            if allowed is None or allowed.mean() >= 0.3:  # a narrow filter: gathering the allowed keys is cheaper
+                return self._search_prefiltered(q, k, allowed, *self._exclusions(exclude, q.shape[0]))
         if (
             exclude is None
             and cell_types is None
@@ -781,6 +796,60 @@ class RetrievalIndex:
         if pad.any():  # filtered or excluded entries that filled a short row
             ids[pad] = -1
         return best_s, ids.astype(np.int64, copy=False)
+
+    def _search_prefiltered(
+        self, q: np.ndarray, k: int, allowed: np.ndarray | None, ex_rows: np.ndarray, ex_ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k, query by query: an 8-bit shortlist, rescored in float32, certified or refetched 4x larger.
+
+        See :mod:`retrieval_service.prefilter` for the bound. A query whose shortlist would reach an eighth of
+        the keys without a certificate goes to the plain exact scan.
+        """
+        pre = self._prefilter
+        assert pre is not None
+        n, big_n = q.shape[0], self.ntotal
+        out_s = np.full((n, k), -np.inf, np.float32)
+        out_i = np.full((n, k), -1, np.int64)
+        n_allowed = big_n if allowed is None else int(allowed.sum())
+        q_norm = np.linalg.norm(q, axis=1)
+        for row in range(n):
+            ex = ex_ids[ex_rows == row]
+            n_valid = n_allowed - int(ex.size if allowed is None else allowed[ex].sum())
+            kk = min(k, n_valid)
+            if kk <= 0:
+                continue
+            r = max(256, 8 * math.ceil((kk + ex.size) * big_n / max(n_allowed, 1)))
+            while True:
+                if 8 * r > big_n and r < big_n:  # certificates keep failing: the data defeats the codes
+                    self.prefilter_stats["scanned"] += 1
+                    s, i = self._search_exact(q[row : row + 1], k, allowed, np.zeros(ex.size, np.int64), ex)
+                    out_s[row], out_i[row] = s[0], i[0]
+                    break
+                approx, ids = pre.shortlist(q[row : row + 1], r)  # (1, r) each, best first
+                fetched = ids[0][ids[0] >= 0]
+                ok = np.ones(fetched.size, bool)
+                if allowed is not None:
+                    ok &= allowed[fetched]
+                if ex.size:
+                    ok &= ~np.isin(fetched, ex)
+                cand = fetched[ok]
+                exact = self.keys[cand] @ q[row]  # (c,) float32
+                complete = fetched.size >= big_n  # the shortlist is every key: nothing outside to bound
+                if cand.size >= kk:
+                    top = np.argpartition(exact, cand.size - kk)[cand.size - kk :] if cand.size > kk else slice(None)
+                    vals, top_ids = exact[top], cand[top]
+                    t = float(vals.min())
+                    # Strict: a key outside could tie t, and ties go to the lower id.
+                    if complete or pre.outside_bound(q_norm[row], approx[0][fetched.size - 1]) < t:
+                        order = np.lexsort((top_ids, -vals))
+                        out_s[row, :kk], out_i[row, :kk] = vals[order], top_ids[order]
+                        self.prefilter_stats["certified"] += 1
+                        break
+                elif complete:  # fewer valid keys than k (guarded above; defensive)
+                    break
+                self.prefilter_stats["refetched"] += 1
+                r = min(4 * r, big_n)
+        return out_s, out_i
 
     def _search_faiss(
         self, q: np.ndarray, k: int, allowed: np.ndarray | None, ex_rows: np.ndarray, ex_ids: np.ndarray

@@ -389,3 +389,47 @@ def test_ptrag_learns_to_pick_the_matching_candidate():
     loss1, acc1 = evaluate()
     assert loss1 < 0.5 * control_level, (loss1, control_level)
     assert acc1 > 0.8, acc1
+
+
+# --- inference shortcuts: pooled output, precomputed encodings ---------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pooled_prediction_is_the_mean_of_the_cells(variant):
+    model = seeded_model(small_config(variant, head_init_std=0.3)).eval()
+    if model.copy_gain is not None:
+        model.copy_gain.data.fill_(0.8)  # the copy path contributes too
+    batch = dataclasses.replace(make_batch(3, n_valid=[8, 5, 2, 8]), target=None)
+    with torch.no_grad():
+        cells, _, info = model(batch)
+        pooled, _, info_p = model(batch, pool=True)
+    assert pooled.shape == (4, 1, G)
+    assert (cells.mean(1, keepdim=True) - batch.ctrl.mean(1, keepdim=True)).abs().max() > 0.05  # a real shift
+    torch.testing.assert_close(pooled, cells.mean(1, keepdim=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(info_p["weights"], info["weights"])
+    with pytest.raises(AssertionError, match="pool only at inference"):
+        model(make_batch(3), pool=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_precomputed_cell_tokens_and_candidate_codes_change_nothing(variant):
+    model = seeded_model(small_config(variant, head_init_std=0.3)).eval()
+    batch = dataclasses.replace(make_batch(4, n_valid=[8, 8, 3, 1]), target=None)
+    with torch.no_grad():
+        ref, _, ref_info = model(batch)
+        tokens = model.cells.mlp(batch.ctrl)  # (B, S, d)
+        codes = {}
+        if model.profiles is not None:
+            proj, profile = model.encode_candidates(batch.cand_emb, batch.cand_delta)
+            codes = {"cand_proj": proj, "cand_profile": profile}
+        fast = dataclasses.replace(batch, cell_tokens=tokens, **codes).validate()
+        got, _, info = model(fast)
+        # the codes are what is used: scrambling them changes the prediction
+        wrong = dataclasses.replace(fast, cell_tokens=tokens.flip(1) * 0.5)
+        other, _, _ = model(wrong)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(info["scores"], ref_info["scores"], rtol=1e-5, atol=1e-5)
+    assert (other - ref).abs().max() > 1e-3
+    if codes:
+        with pytest.raises(AssertionError, match="come together"):
+            dataclasses.replace(batch, cand_proj=codes["cand_proj"]).validate()

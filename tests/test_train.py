@@ -213,6 +213,40 @@ def test_inference_is_deterministic_and_explained(run_dir, tmp_path):
         predictor.predict("rpe1", ["NOTAGENE"])
 
 
+def test_serving_shortcuts_equal_the_plain_forward(run_dir, tmp_path):
+    # Predictor precomputes control-cell tokens and candidate codes, and predicts only the mean when cells are not
+    # asked for; each shortcut must give what the model computes from scratch.
+    import dataclasses
+
+    train(_config(run_dir, tmp_path / "fast", max_steps=3))
+    predictor = Predictor.load(tmp_path / "fast" / "last.pt")
+    with torch.no_grad():  # a visible shift through both output paths (a 3-step model predicts ~control)
+        predictor.model.generator.head.weight.normal_(0, 0.2)
+        predictor.model.copy_gain.fill_(0.7)
+    genes = [p for _, p in Split.load(run_dir / "split.json").test[:3]]
+    items = predictor.make_items("rpe1", genes, n_cells=12, seed=4)
+    assert all(it.ctrl_rows is not None for it in items)
+    np.testing.assert_array_equal(items[0].ctrl, predictor.controls["rpe1"][items[0].ctrl_rows])
+    fast = predictor.predict_items(items)
+    codes, predictor.cand_codes = predictor.cand_codes, None
+    plain = predictor.predict_items([dataclasses.replace(it, ctrl_rows=None) for it in items])
+    predictor.cand_codes = codes
+    pooled = predictor.predict_items([dataclasses.replace(it, cells=False) for it in items])
+    mixed = predictor.predict_items([items[0], dataclasses.replace(items[1], cells=False), items[2]])
+    for f, p, m, x in zip(fast, plain, pooled, mixed, strict=True):
+        assert np.abs(f.delta).max() > 0.05
+        np.testing.assert_allclose(f.cells, p.cells, rtol=1e-5, atol=1e-5)
+        assert m.cells is None
+        np.testing.assert_allclose(m.mean, f.cells.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(m.delta, f.delta, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(x.mean, f.mean, rtol=1e-5, atol=1e-5)
+        assert f.candidates.equals(p.candidates) and m.candidates["id"].equals(f.candidates["id"])
+    assert mixed[1].cells is None and mixed[0].cells is not None
+    # the caller's own control cells go through the encoder
+    own = predictor.predict("rpe1", genes[:1], ctrl=items[0].ctrl)[0]
+    np.testing.assert_allclose(own.cells, fast[0].cells, rtol=1e-5, atol=1e-5)
+
+
 def test_no_held_out_pair_is_ever_a_candidate(run_dir, tmp_path):
     from model.examples import retrieve_candidates
     from retrieval_service.store import Store

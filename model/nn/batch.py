@@ -35,6 +35,12 @@ class Batch:
         (B, T, G) float32 observed perturbed cells, or None at inference. T may differ from S.
     batch_id
         (B,) int64 technical batch (e.g. gem group) the set's cells come from, -1 where unknown; or None.
+    cell_tokens
+        (B, S, d) the control cells already encoded (``PTRAG.cells``), or None to encode ``ctrl``. Inference
+        precomputes them for the checkpoint's cached control cells: the encoder works cell by cell.
+    cand_proj, cand_profile
+        (B, K, d) each: the candidates already encoded (``PTRAG.encode_candidates``), or None to encode
+        ``cand_emb`` and ``cand_delta``. Inference precomputes them once per store entry.
     """
 
     ctrl: Tensor
@@ -46,6 +52,9 @@ class Batch:
     cand_mask: Tensor
     target: Tensor | None = None
     batch_id: Tensor | None = None
+    cell_tokens: Tensor | None = None
+    cand_proj: Tensor | None = None
+    cand_profile: Tensor | None = None
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
         """A copy with every tensor on ``device`` (``non_blocking`` pairs with pinned host memory)."""
@@ -82,6 +91,13 @@ class Batch:
             assert tuple(self.batch_id.shape) == (B,) and self.batch_id.dtype == torch.int64, (
                 f"batch_id must be int64 (B={B},), got {self.batch_id.dtype} {tuple(self.batch_id.shape)}"
             )
+        if self.cell_tokens is not None:
+            assert tuple(self.cell_tokens.shape[:2]) == (B, S), f"cell_tokens must be (B={B}, S={S}, d)"
+        assert (self.cand_proj is None) == (self.cand_profile is None), "cand_proj and cand_profile come together"
+        if self.cand_proj is not None:
+            for name in ("cand_proj", "cand_profile"):
+                got = tuple(getattr(self, name).shape[:2])
+                assert got == (B, K), f"{name} must be (B={B}, K={K}, d), got {got}"
         if self.target is not None:
             assert self.target.dim() == 3 and self.target.shape[0] == B and self.target.shape[2] == G, (
                 f"target must be (B={B}, T, G={G}), got {tuple(self.target.shape)}"

@@ -92,8 +92,11 @@ class SetGenerator(nn.Module):
         nn.init.normal_(self.head.weight, std=config.head_init_std)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, cells: Tensor, query: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
-        """cells (B, S, d), query (B, d), context (B, c, d) with context_mask (B, c) bool, or both None -> (B, S, G)."""
+    def forward(
+        self, cells: Tensor, query: Tensor, context: Tensor | None, context_mask: Tensor | None, *, pool: bool = False
+    ) -> Tensor:
+        """cells (B, S, d), query (B, d), context (B, c, d) with context_mask (B, c) bool, or both None -> (B, S, G),
+        or with ``pool`` the mean shift over the set (B, 1, G)."""
         B, S, _ = cells.shape
         parts = [cells + self.segment[0], (query + self.segment[1]).unsqueeze(1)]  # (B, S, d), (B, 1, d)
         key_mask = None
@@ -105,4 +108,7 @@ class SetGenerator(nn.Module):
         x = torch.cat(parts, dim=1)  # (B, L, d), L = S + 1 + c
         for block in self.blocks:
             x = block(x, key_mask)
-        return self.head(self.ln_f(x[:, :S]))  # (B, S, G): only the cell positions are decoded
+        h = self.ln_f(x[:, :S])  # (B, S, d): only the cell positions are decoded
+        if pool:  # the head is affine: decoding the mean state is the mean of the decoded cells, at 1/S the cost
+            h = h.mean(1, keepdim=True)  # (B, 1, d)
+        return self.head(h)  # (B, S or 1, G)
