@@ -45,8 +45,9 @@ from retrieval_service.embeddings import load_aliases
 from retrieval_service.index import UnknownGeneError
 from retrieval_service.store import Store
 
-__all__ = ["MAX_FORWARD_CELLS", "PredictItem", "Prediction", "Predictor"]
+__all__ = ["CANDIDATE_COLUMNS", "MAX_FORWARD_CELLS", "PredictItem", "Prediction", "Predictor"]
 
+CANDIDATE_COLUMNS = ("id", "cell_type", "perturbation", "cosine", "score", "weight", "selected")
 MAX_FORWARD_CELLS = 16_384  # control cells (B * S) per forward pass; more are split into several passes
 
 
@@ -57,7 +58,7 @@ class Prediction:
     perturbation: str
     mean: np.ndarray  # (G,) predicted pseudobulk profile: the mean of the predicted cells
     ctrl: np.ndarray  # (n_cells, G) the control cells they were generated from
-    candidates: pd.DataFrame  # columns: id, cell_type, perturbation, cosine, score, weight, selected
+    columns: dict[str, np.ndarray]  # the candidates column by column: CANDIDATE_COLUMNS, one entry per candidate
     cells: np.ndarray | None = None  # (n_cells, G) predicted cells; None when the item asked for the mean only
     warnings: list[str] = field(default_factory=list)  # alias resolution, zero-shot cell type
 
@@ -65,6 +66,12 @@ class Prediction:
     def delta(self) -> np.ndarray:
         """(G,) predicted pseudobulk change from the control cells."""
         return self.mean - self.ctrl.mean(0)
+
+    @property
+    def candidates(self) -> pd.DataFrame:
+        """The retrieved candidates with their refiner scores and weights, one row each (built on access: a
+        DataFrame per prediction cost ~0.7 ms, a sixth of a batched forward pass per item)."""
+        return pd.DataFrame(self.columns, columns=list(CANDIDATE_COLUMNS))
 
 
 @dataclass
@@ -292,12 +299,12 @@ class Predictor:
         result = []
         for b, it in enumerate(items):
             v, sl = valid[b], slice(offsets[b], offsets[b + 1])
-            frame = pd.DataFrame({
+            columns = {
                 "id": queries.cand_ids[b][v], "cell_type": cts[sl].astype(str), "perturbation": labs[sl].astype(str),
                 "cosine": cos[b][v], "score": scores[b][v], "weight": weights[b][v], "selected": weights[b][v] > 0,
-            })  # fmt: skip
+            }  # fmt: skip
             result.append(Prediction(perturbation=it.perturbation, mean=pred[b].mean(0), ctrl=it.ctrl,
-                                     candidates=frame, cells=pred[b] if it.cells else None,
+                                     columns=columns, cells=pred[b] if it.cells else None,
                                      warnings=list(it.warnings)))  # fmt: skip
         return result
 
@@ -383,7 +390,7 @@ class Predictor:
         obs.index = [f"{p}_{i}" for p in (q.perturbation for q in preds) for i in range(n_cells)]
         adata = ad.AnnData(X=np.concatenate([p.cells for p in preds]), obs=obs, var=pd.DataFrame(index=self.genes))
         adata.uns["ptrag_candidates"] = {
-            p.perturbation: {c: p.candidates[c].to_numpy() for c in p.candidates.columns} for p in preds
+            p.perturbation: {c: np.asarray(v) for c, v in p.columns.items()} for p in preds
         }
         adata.uns["ptrag_predict"] = {"cell_type": cell_type, "n_cells": n_cells, "seed": seed, "batch": batch or "",
                                       "variant": self.model.config.variant}  # fmt: skip

@@ -240,6 +240,13 @@ def test_predict_full_contract(client, model, predictor) -> None:
         assert {c["cell_type"] for c in pred["candidates"]} <= {"hepg2", "jurkat", "k562"}
         assert pred["warnings"] == [ZERO_SHOT_WARNING]
         _assert_matches(pred, exp, predictor.genes, 5)
+    # Without return_cells the server predicts only the mean; its JSON numbers read back as the same float32.
+    for pred, exp in zip(preds, predictor.predict(ZERO_SHOT, genes, n_cells=16, seed=3, cells=False), strict=True):
+        assert exp.cells is None
+        np.testing.assert_array_equal(np.asarray(pred["delta"], np.float32), exp.delta.astype(np.float32))
+        np.testing.assert_array_equal(np.asarray(pred["profile"], np.float32), exp.mean)
+        top = pred["top_up"][0]
+        assert np.float32(top["delta"]) == exp.delta.astype(np.float32)[predictor.genes.index(top["gene"])]
 
 
 def test_predict_defaults_and_return_cells(client, model, predictor) -> None:
@@ -373,6 +380,9 @@ def test_malformed_bodies_are_422(client, model) -> None:
     raw = {"content-type": "application/json"}
     r = client.post("/predict", content=b'{"cell_type": "k562", "perturbations": [', headers=raw)
     assert _validation(r, ["body", 40], "json_invalid") == "JSON decode error"
+    r = client.post("/predict", content=b"\xff\xfea\x80v", headers=raw)  # not UTF-8: FastAPI's own 400, made a 422
+    detail = "There was an error parsing the body: send a JSON PredictRequest body"
+    assert _error(r, 422) == {"error": "invalid_request", "detail": detail}
     r = client.post("/predict", json={"cell_type": SEEN, "perturbations": []})
     _validation(r, ["body", "perturbations"], "too_short")
     r = client.post("/predict", json={"cell_type": SEEN})
