@@ -120,12 +120,11 @@ class CandidateTable:
         ids = torch.from_numpy(np.asarray(cand_ids, dtype=np.int64))  # (B, K)
         mask = ids >= 0
         safe = ids.clamp(min=0)
-        return {
-            "cand_emb": self.keys[safe] * mask[..., None],  # (B, K, E)
-            "cand_cell_type": self.cell_type[safe],  # (B, K)
-            "cand_delta": self.delta[safe] * mask[..., None],  # (B, K, G)
-            "cand_mask": mask,
-        }
+        emb, delta = self.keys[safe], self.delta[safe]  # (B, K, E), (B, K, G): fresh tensors
+        if not bool(mask.all()):  # zero the few padded rows in place, not a masked copy of everything
+            emb[~mask] = 0
+            delta[~mask] = 0
+        return {"cand_emb": emb, "cand_cell_type": self.cell_type[safe], "cand_delta": delta, "cand_mask": mask}
 
     @classmethod
     def from_store(cls, store: Store, cell_types: Sequence[str]) -> CandidateTable:

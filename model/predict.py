@@ -352,8 +352,7 @@ class Predictor:
         ).to(self.device)
         with torch.no_grad():
             pred, _, info = self.model(batch, stochastic=False, pool=pool)
-        cos = torch.einsum("bke,be->bk", batch.cand_emb.float(), batch.query.float())
-        return tuple(t.float().cpu().numpy() for t in (pred, cos, info["scores"], info["weights"]))
+        return tuple(t.float().cpu().numpy() for t in (pred, info["cosine"], info["scores"], info["weights"]))
 
     def predict(
         self,

@@ -144,6 +144,7 @@ class PTRAG(nn.Module):
             ``weights`` (B, K): each candidate's share of the context, 0 unless kept, summing to 1 over the kept
             ones: uniform for the baselines; for ptrag softmax(scores / tau) over the kept ones (its generator sees
             every kept candidate as a full token, so this is the refiner's relevance, for explanation).
+            ``cosine`` (B, K): the stage-1 cosine of each candidate's key to the query (padding included).
             ``loss_terms``: ``{name: (B,)}`` per-set loss components, only when a target is given.
         """
         cfg = self.config
@@ -197,6 +198,7 @@ class PTRAG(nn.Module):
         if self.copy_gain is not None:
             pred = pred + self.copy_gain * copied[:, None, :]  # (B, 1 or S, G)
         info = self._explain(scores, selection, mask, tau=tau)
+        info["cosine"] = cos.detach()
         loss = None
         if batch.target is not None:
             loss, info["loss_terms"] = combined_loss(pred, batch.target, cfg)
