@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -562,6 +563,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=1,
+                   help="uvicorn worker processes, each with the model and a micro-batcher: on a CPU, one per core "
+                        "doubled throughput on 2 cores (benchmarks/results/predict_load.md); model threads default "
+                        "to cores / workers")  # fmt: skip
     p.set_defaults(func=_serve)
 
 
@@ -576,12 +581,25 @@ def _serve(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).is_file():
         msg = f"no checkpoint at {args.checkpoint}"
         raise CLIError(msg)
+    if args.workers < 1:
+        msg = f"--workers must be >= 1, got {args.workers}"
+        raise CLIError(msg)
     flags = {"checkpoint": args.checkpoint, "index_dir": args.index, "retrieval_url": args.retrieval_url,
              "embeddings": args.embeddings, "aliases": args.aliases, "device": args.device}  # fmt: skip
-    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    flags = {k: v for k, v in flags.items() if v is not None}
     # The app writes one JSON access-log line per request itself: uvicorn's own access log would repeat it.
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False,
-                log_level="debug" if args.verbose else "info")  # fmt: skip
+    level = "debug" if args.verbose else "info"
+    common = {"host": args.host, "port": args.port, "access_log": False, "log_level": level}
+    if args.workers == 1:
+        uvicorn.run(create_app(Settings(**flags)), **common)
+        return 0
+    # Worker processes import the app by name and read their settings from the environment: pass the flags there.
+    Settings(**flags)  # fail here, once, on a bad value
+    for name, value in flags.items():
+        os.environ[f"PTRAG_{name.upper()}"] = str(value)
+    if "PTRAG_MODEL_THREADS" not in os.environ:  # workers x threads = cores: no oversubscription
+        os.environ["PTRAG_MODEL_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
+    uvicorn.run("api.app:app", workers=args.workers, **common)
     return 0
 
 

@@ -121,3 +121,24 @@ def test_ptrag_serve_passes_flags_as_settings(model, monkeypatch, capsys) -> Non
         assert r.status_code == 413
     assert main(["serve", "--checkpoint", str(model.run / "missing.pt")]) == 2
     assert "ptrag serve: error: no checkpoint at" in capsys.readouterr().err
+
+
+def test_ptrag_serve_workers_hand_the_flags_to_every_process(model, monkeypatch) -> None:
+    import os
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    for name in ("PTRAG_CHECKPOINT", "PTRAG_INDEX_DIR", "PTRAG_DEVICE", "PTRAG_MODEL_THREADS"):
+        monkeypatch.setenv(name, "placeholder")  # restored after the test: serve writes these
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    argv = ["serve", "--checkpoint", str(model.checkpoint), "--index", str(model.run / "index"), "--workers", "2",
+            "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    assert served["app"] == "api.app:app" and served["workers"] == 2  # an import string: each worker builds it
+    assert os.environ["PTRAG_CHECKPOINT"] == str(model.checkpoint)
+    assert os.environ["PTRAG_INDEX_DIR"] == str(model.run / "index") and os.environ["PTRAG_DEVICE"] == "cpu"
+    assert os.environ["PTRAG_MODEL_THREADS"] == "4"  # 8 cores / 2 workers
+    worker = Settings()  # what each worker process reads back
+    assert (worker.checkpoint, worker.index_dir, worker.model_threads) == (model.checkpoint, model.run / "index", 4)
+    assert main(["serve", "--checkpoint", str(model.checkpoint), "--workers", "0"]) == 2
