@@ -476,10 +476,7 @@ def _prediction(p: Prediction, genes: list[str], *, top_n: int, cells: bool) -> 
     as the shortest decimal that reads back as the same float32 (``0.1``, not ``0.10000000149011612``), which
     halves the response and, with orjson, made encoding it ~5x faster than pydantic's ``model_dump_json``."""
     delta = p.delta.astype(np.float32, copy=False)  # (G,)
-    order = np.argsort(delta, kind="stable")
-    n = min(top_n, len(genes))
-    up = [int(j) for j in order[::-1][:n] if delta[j] > 0]
-    down = [int(j) for j in order[:n] if delta[j] < 0]
+    up, down = _top_genes(delta, top_n)
     cols = p.columns
     native = {c: cols[c].tolist() for c in ("id", "cell_type", "perturbation", "selected")}
     floats = {c: np.asarray(cols[c], dtype=np.float32) for c in ("cosine", "score", "weight")}
@@ -495,6 +492,24 @@ def _prediction(p: Prediction, genes: list[str], *, top_n: int, cells: bool) -> 
         ],
         "warnings": p.warnings,
     }
+
+
+def _top_genes(delta: np.ndarray, top_n: int) -> tuple[list[int], list[int]]:
+    """Columns of the ``top_n`` largest positive and most negative values of ``delta``, largest change first, ties in
+    the order a stable sort gives (the higher column first among equal increases, as reversing a stable sort does).
+    Partitions first: sorting all G values per prediction was a visible share of the response time."""
+    n = min(top_n, delta.size)
+    if n == 0:
+        return [], []
+    cols = np.arange(delta.size)
+    top = np.argpartition(-delta, n - 1)[:n] if n < delta.size else cols
+    bottom = np.argpartition(delta, n - 1)[:n] if n < delta.size else cols
+    # Ties at the cut: take every column equal to the n-th value, so the stable order below decides among them.
+    top = np.union1d(top, np.flatnonzero(delta == delta[top].min()))
+    bottom = np.union1d(bottom, np.flatnonzero(delta == delta[bottom].max()))
+    up = top[np.lexsort((-top, -delta[top]))][:n]  # descending delta, higher column first among ties
+    down = bottom[np.lexsort((bottom, delta[bottom]))][:n]  # ascending delta, lower column first among ties
+    return [int(j) for j in up if delta[j] > 0], [int(j) for j in down if delta[j] < 0]
 
 
 def _npy_response(predictions: list[Prediction], warnings: list[str], *, return_cells: bool) -> Response:
@@ -568,7 +583,27 @@ class RequestContext:
                 "duration_ms": round((time.perf_counter() - start) * 1000, 3),
                 "n_perturbations": state.get("n_perturbations"),
             }
-            access_logger.info(json.dumps(line))
+            access_logger.info(_JSONLine(line))
+
+
+class _JSONLine:
+    """A log message rendered as JSON only when a handler formats it (on the listener thread), not on the loop."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def __str__(self) -> str:
+        return json.dumps(self.data)
+
+
+class _HandOffHandler(logging.handlers.QueueHandler):
+    """A QueueHandler that hands the record over as it is: the stdlib one formats and copies it first, on the
+    calling thread (here the event loop), which was a tenth of the loop's time per request under load."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
 
 
 def _configure_access_log() -> None:
@@ -584,7 +619,7 @@ def _configure_access_log() -> None:
         listener = logging.handlers.QueueListener(lines, handler)
         listener.start()
         atexit.register(listener.stop)  # writes what is still queued
-        access_logger.addHandler(logging.handlers.QueueHandler(lines))
+        access_logger.addHandler(_HandOffHandler(lines))
         access_logger.setLevel(logging.INFO)
         access_logger.propagate = False
 

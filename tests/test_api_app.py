@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_train import SMALL, _config
 
-from api.app import Settings, create_app, load_predictor
+from api.app import Settings, _top_genes, create_app, load_predictor
 from model.pipeline import RunConfig, run_main_job
 from model.predict import Predictor
 from model.train import train
@@ -503,3 +505,16 @@ def test_predict_items_batched_equals_one_by_one(predictor, model) -> None:
         assert a.warnings == b.warnings
     # Items really differ: same perturbation, other cell type or control set, other prediction.
     assert not np.allclose(together[0].cells.mean(0), together[4].cells.mean(0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=60), st.integers(0, 70), st.booleans())
+def test_top_genes_equal_a_full_stable_sort(values: list[int], top_n: int, ties: bool) -> None:
+    # The response's top_up/top_down come from a partial sort; they must be what sorting all genes gave.
+    delta = np.asarray(values, np.float32) if ties else np.random.default_rng(len(values)).standard_normal(
+        len(values)).astype(np.float32)  # fmt: skip
+    order = np.argsort(delta, kind="stable")
+    n = min(top_n, delta.size)
+    want_up = [int(j) for j in order[::-1][:n] if delta[j] > 0]
+    want_down = [int(j) for j in order[:n] if delta[j] < 0]
+    assert _top_genes(delta, top_n) == (want_up, want_down)
