@@ -13,7 +13,9 @@ On a machine with faiss-gpu and a CUDA device (``faiss.get_num_gpus() > 0``), ``
 to the GPU at load time; ``hnsw`` has no GPU form and stays on CPU. Files always hold the CPU form.
 
 A search without filters or exclusions whose scores fit one block takes a fast path (one matmul, one top-k,
-one small sort) that returns exactly what the general exact path would.
+one small sort) that returns exactly what the general exact path would. One or two queries against a large
+``flat`` index (``PREFILTER_MIN_KEYS`` keys or more) go through 8-bit codes of the keys and exact rescoring
+(:mod:`retrieval_service.prefilter`): the same top-k, certified by an error bound, from a quarter of the bytes.
 
 Filters are exact whatever the index: every query gets ``min(k, number of valid candidates)`` valid ids.
 The exact path masks scores before the partial sort. The FAISS path restricts cell types with an
@@ -818,7 +820,8 @@ class RetrievalIndex:
             kk = min(k, n_valid)
             if kk <= 0:
                 continue
-            r = max(256, 8 * math.ceil((kk + ex.size) * big_n / max(n_allowed, 1)))
+            # 8x over-fetch: on random unit keys (no structure, the worst case) the certificate held for 8k.
+            r = max(64, 8 * math.ceil((kk + ex.size) * big_n / max(n_allowed, 1)))
             while True:
                 if 8 * r > big_n and r < big_n:  # certificates keep failing: the data defeats the codes
                     self.prefilter_stats["scanned"] += 1
