@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "gpu"] = "auto"
     nprobe: int | None = Field(None, ge=1, description="Override the store's ivf nprobe.")
     ef_search: int | None = Field(None, ge=1, description="Override the store's hnsw efSearch.")
+    prefilter: bool | None = Field(
+        None,
+        description="Exact 8-bit prefilter of one-query flat searches: unset builds it from 8,192 keys up (~1.5-2x "
+        "faster searches; N x d bytes more memory and a few seconds more to load at 200k keys); false never.",
+    )
     load_in_background: bool = Field(default=True, description="Serve /healthz while the store loads; else fail fast.")
     search_threads: int | None = Field(
         None,
@@ -119,6 +124,7 @@ def open_from_settings(settings: Settings) -> Store:
         device=settings.device,
         nprobe=settings.nprobe,
         ef_search=settings.ef_search,
+        prefilter=settings.prefilter,
     )
 
 

@@ -408,7 +408,13 @@ class RetrievalIndex:
         self.backend = "faiss" if use_faiss else "numpy"
         if prefilter is None:
             prefilter = n >= PREFILTER_MIN_KEYS
-        self._prefilter = Int8Prefilter(keys) if prefilter and self.backend == "numpy" and n else None
+        self._prefilter = None
+        if prefilter and self.backend == "numpy" and n:
+            t0 = time.perf_counter()
+            self._prefilter = Int8Prefilter(keys)
+            logger.info("8-bit prefilter of %d keys (%s, %d shards, %.0f MB) built in %.1f s", n,
+                        self._prefilter.qtype, len(self._prefilter.parts), self._prefilter.nbytes / 1e6,
+                        time.perf_counter() - t0)  # fmt: skip
         self.prefilter_stats = {"certified": 0, "refetched": 0, "scanned": 0}  # how prefiltered queries ended
         logger.info(
             "retrieval index: %d keys, d=%d, type=%s, backend=%s, %s",

@@ -275,3 +275,21 @@ def test_cli_index_info(built: tuple[Path, dict], capsys: pytest.CaptureFixture[
     assert cli_main(["index", "info", str(out)]) == 2
     err = capsys.readouterr().err
     assert "ptrag index: error:" in err and "keys.npy: sha256" in err and "ptrag index build" in err
+
+
+def test_prefilter_is_a_choice_at_open(built: tuple[Path, dict]) -> None:
+    from retrieval_service.app import Settings, open_from_settings
+
+    out, _ = built
+    auto, on, off = Store.open(out), Store.open(out, prefilter=True), Store.open(out, prefilter=False)
+    assert auto.index._prefilter is None  # a small store: the plain scan
+    assert on.index._prefilter is not None and off.index._prefilter is None
+    q = np.asarray(on.index.keys[:1]) + np.float32(0.05)
+    q /= np.linalg.norm(q)
+    s_on, i_on = on.index.search(q, 5)
+    s_off, i_off = off.index.search(q, 5)
+    np.testing.assert_array_equal(i_on, i_off)
+    np.testing.assert_allclose(s_on, s_off, atol=2e-6)
+    assert on.index.prefilter_stats["certified"] == 1
+    served = open_from_settings(Settings(index_dir=out, prefilter=True))  # PTRAG_PREFILTER reaches the store
+    assert served.index._prefilter is not None
