@@ -308,12 +308,12 @@ def in_process_median(index: RetrievalIndex, q: np.ndarray, k: int, threads: int
     return float(np.median(times))
 
 
-def bench_ef(args: argparse.Namespace, rng: np.random.Generator, index: RetrievalIndex) -> list[str]:
+def bench_ef(args: argparse.Namespace, rng: np.random.Generator, index: RetrievalIndex, others: np.ndarray) -> list:
     """Recall@k against exact search and one-query latency of an HNSW index for several ``ef_search``."""
     keys = np.asarray(index.keys)
     k = args.ef_k
     queries = {
-        "random unit vectors": unit_keys(args.ef_queries, args.dim, rng),
+        "random unit vectors" if args.keys is None else "unseen genes": others,
         "stored keys (label queries)": keys[rng.choice(len(keys), args.ef_queries, replace=False)],
     }
     default_ef = int(index.faiss_index.hnsw.efSearch)
@@ -352,12 +352,34 @@ HTTP_KINDS = (
 )
 
 
+def structured_keys(path: Path, n_keys: int, n_queries: int, dim: int, rng: np.random.Generator) -> tuple:
+    """Gene embeddings from an ``.npz`` (``symbols``, ``vectors``) for parts 3 and 4: ``n_keys`` stored keys and
+    ``n_queries`` vectors of other genes (unseen-gene queries), both mapped to ``dim`` by one Gaussian random
+    projection (which keeps cosines up to a small distortion) and L2-normalised."""
+    with np.load(path) as data:
+        symbols, vectors = data["symbols"].astype(str), data["vectors"].astype(np.float32)
+    if len(vectors) < n_keys + n_queries:
+        msg = f"{path} has {len(vectors)} vectors; need {n_keys} keys + {n_queries} queries"
+        raise SystemExit(msg)
+    order = rng.permutation(len(vectors))[: n_keys + n_queries]
+    x = vectors[order]
+    if x.shape[1] != dim:
+        x = x @ rng.standard_normal((x.shape[1], dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return tuple(symbols[order[:n_keys]]), x[:n_keys], x[n_keys:]
+
+
 def build_stores(args: argparse.Namespace, rng: np.random.Generator, tmp: Path) -> dict:
     """The 20k-key stores of parts 3 and 4, one per index type (the HNSW build takes a minute)."""
     n_keys = args.http_size
-    vectors = unit_keys(n_keys, args.dim, rng)
-    symbols = tuple(f"G{i}" for i in range(n_keys))
-    emb = GeneEmbeddings(symbols, vectors, "random-unit")
+    if args.keys is None:
+        vectors, queries = unit_keys(n_keys, args.dim, rng), unit_keys(args.ef_queries, args.dim, rng)
+        symbols = tuple(f"G{i}" for i in range(n_keys))
+        source = "random-unit"
+    else:
+        symbols, vectors, queries = structured_keys(args.keys, n_keys, args.ef_queries, args.dim, rng)
+        source = args.keys.stem
+    emb = GeneEmbeddings(symbols, vectors, source)
     stores = {}
     for index_type in args.http_index_types:
         t0 = time.perf_counter()
@@ -372,7 +394,7 @@ def build_stores(args: argparse.Namespace, rng: np.random.Generator, tmp: Path) 
             index_type=index_type,
         )
         print(f"built the {index_type} store in {time.perf_counter() - t0:.1f}s", flush=True)
-    return {"dirs": stores, "symbols": symbols}
+    return {"dirs": stores, "symbols": symbols, "queries": queries}
 
 
 def server_timing(header: str) -> dict[str, float]:
@@ -386,7 +408,7 @@ def server_timing(header: str) -> dict[str, float]:
 
 def bench_http(args: argparse.Namespace, rng: np.random.Generator, stores: dict) -> list[str]:
     n_keys, symbols = args.http_size, stores["symbols"]
-    q = unit_keys(1, args.dim, rng)
+    q = stores["queries"][:1]  # a random unit vector, or an unseen gene's
     rows = []
     for index_type, out in stores["dirs"].items():
         local = Store.open(out, verify=False).index
@@ -529,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ef-queries", type=int, default=50, help="one-query searches per query kind and ef")
     p.add_argument("--ef-k", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--keys",
+        type=Path,
+        default=None,
+        help="an .npz of gene embeddings (symbols, vectors) for parts 3-4 instead of random unit keys",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "retrieval_bench.md")
     args = p.parse_args(argv)
     rng = np.random.default_rng(args.seed)
@@ -545,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         ef_rows = []
         if "hnsw" in stores["dirs"]:
             with CpuMeter() as m_ef:
-                ef_rows = bench_ef(args, rng, Store.open(stores["dirs"]["hnsw"], verify=False).index)
+                ef_rows = bench_ef(args, rng, Store.open(stores["dirs"]["hnsw"], verify=False).index,
+                                   stores["queries"])  # fmt: skip
         with CpuMeter() as m_http:
             http_rows = bench_http(args, rng, stores)
     uptime_end = uptime()
@@ -561,7 +590,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Recall@{args.ef_k}: the share of the exact top {args.ef_k} (numpy brute force) that the index returns,",
             f"mean over {args.ef_queries} one-query searches per query kind (and the worst query); latency over both",
-            "kinds. Random unit vectors in 1536-d have no cluster structure: the worst case for a graph index.",
+            "kinds. Random unit vectors in 1536-d have no cluster structure: the worst case for a graph index."
+            if args.keys is None
+            else f"kinds. Keys and queries: gene embeddings from `{args.keys}` (queries: genes not in the store).",
             "",
             *ef_rows,
             "",
@@ -571,7 +602,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{command}` (from the repository root).",
         "",
-        f"Machine: {machine()}. Random unit keys and queries, d={args.dim}, k={args.k}. Each method runs in",
+        f"Machine: {machine()}. Random unit keys and queries, d={args.dim}, k={args.k}"
+        + ("" if args.keys is None else f" (parts 3-4: gene embeddings from `{args.keys}`, see there)")
+        + ". Each method runs in",
         "blocks of consecutive calls (the first of each block dropped), blocks alternating between methods;",
         "'median ms' is per call (per batch), 'vs best bound' divides by the faster of the numpy and torch medians",
         f"for the same shape. `{OURS_FILTERED}` excludes one id per query and one cell type (25% of keys).",
