@@ -411,12 +411,14 @@ def bench_http(args: argparse.Namespace, rng: np.random.Generator, stores: dict)
     q = stores["queries"][:1]  # a random unit vector, or an unseen gene's
     rows = []
     for index_type, out in stores["dirs"].items():
-        local = Store.open(out, verify=False).index
+        local = Store.open(out, verify=False, ef_search=args.http_ef_search).index
         ef = f" (ef {local.faiss_index.hnsw.efSearch})" if index_type == "hnsw" else ""
         for threads in args.http_search_threads:
             n_threads = None if threads == "default" else int(threads)
             in_process = in_process_median(local, q, args.k, n_threads)
             env = {} if n_threads is None else {"PTRAG_SEARCH_THREADS": str(n_threads)}
+            if args.http_ef_search is not None:
+                env["PTRAG_EF_SEARCH"] = str(args.http_ef_search)
             with (
                 serve(out, env) as url,
                 RetrievalClient(url, timeout=10.0) as client,
@@ -547,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--http-requests", type=int, default=400, help="per query kind and server")
     p.add_argument("--http-warmup", type=int, default=20)
+    p.add_argument("--http-ef-search", type=int, default=None, help="HNSW servers' ef_search (default: the store's)")
     p.add_argument("--ef-values", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512, 1024])
     p.add_argument("--ef-queries", type=int, default=50, help="one-query searches per query kind and ef")
     p.add_argument("--ef-k", type=int, default=32)

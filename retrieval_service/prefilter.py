@@ -93,9 +93,11 @@ class Int8Prefilter:
 
 
 def _train_quantizer(sample: np.ndarray) -> tuple[faiss.ScalarQuantizer, str]:
-    """One range for all dimensions (``QT_8bit_uniform``, ~20% faster to scan here) unless per-dimension ranges
-    (``QT_8bit``) cut the worst residual on ``sample`` by more than a third: isotropic keys gain ~1.35x from them,
-    anisotropic embeddings (a few large dimensions setting one coarse step for all) 3-5x."""
+    """One range for all dimensions (``QT_8bit_uniform``, 20-45% faster to scan here) unless per-dimension ranges
+    (``QT_8bit``) cut the worst residual on ``sample`` by more than 2.5x. Measured worst-residual ratios: random
+    unit keys 1.4 and MiniLM gene-text embeddings (projected to 1536-d) 1.9, where the uniform scan won (3.2 vs
+    4.7 ms at 20k keys, certificates still held for 95 of 100 first shortlists); GenePT ada-002 vectors 16, where a
+    few large dimensions would make one coarse step for all and the bound useless."""
     d = sample.shape[1]
     trained = {}
     for name in ("QT_8bit_uniform", "QT_8bit"):
@@ -104,7 +106,7 @@ def _train_quantizer(sample: np.ndarray) -> tuple[faiss.ScalarQuantizer, str]:
         err = float(np.linalg.norm(sample - sq.decode(sq.compute_codes(sample)), axis=1).max(initial=0.0))
         trained[name] = (sq, err)
     uniform, per_dim = trained["QT_8bit_uniform"], trained["QT_8bit"]
-    if uniform[1] <= 1.5 * per_dim[1]:
+    if uniform[1] <= 2.5 * per_dim[1]:
         return uniform[0], "QT_8bit_uniform"
     return per_dim[0], "QT_8bit"
 
