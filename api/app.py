@@ -363,18 +363,16 @@ async def predict(body: PredictRequest, request: Request, service: ServiceDep, s
     # (under load, 16 of them contended for the GIL with the model thread). Caller-sent or returned cell matrices
     # can take milliseconds to align or encode, and an unknown name a fuzzy match over the gene table (~0.1 s at
     # 20k genes): those go to the threadpool.
-    heavy = body.control_cells is not None or body.return_cells or not _known_names(body, service.predictor)
+    heavy = (
+        body.control_cells is not None
+        or body.return_cells
+        or not service.predictor.knows(body.cell_type, body.perturbations, body.batch)
+    )
     prepare = functools.partial(_prepare, body, service)
     items, warnings = await run_in_threadpool(prepare) if heavy else prepare()
     predictions = await service.batcher.run(items)
     render = functools.partial(_render, body, request, service.predictor, items, predictions, warnings)
     return await run_in_threadpool(render) if heavy else render()
-
-
-def _known_names(body: PredictRequest, predictor: Predictor) -> bool:
-    """Whether every name in the request is known as sent: no fuzzy matching or alias lookup will be needed."""
-    return (body.cell_type in predictor.controls and (body.batch is None or body.batch in predictor.batches)
-            and predictor.store.index.knows_labels(body.perturbations))  # fmt: skip
 
 
 def _prepare(body: PredictRequest, service: Service) -> tuple[list[PredictItem], list[str]]:

@@ -186,6 +186,18 @@ class Predictor:
         rng = np.random.default_rng(seed)
         return pool_rows[rng.choice(len(pool_rows), size=n_cells, replace=len(pool_rows) < n_cells)]
 
+    def knows(self, cell_type: str, perturbations: list[str], batch: str | None = None) -> bool:
+        """Whether :meth:`make_items` finds every name as given, with no alias lookup and no close-match search
+        (a fuzzy match over the gene table, which a server should not run on its event loop)."""
+        if cell_type not in self.controls or (batch is not None and batch not in self.batches):
+            return False
+        emb, control_label = self.store.index.embeddings, self.config["control_label"]
+        try:
+            genes = [g for p in perturbations for g in parse_perturbation(p, control_label=control_label)]
+        except ValueError:
+            return False
+        return all(g in emb for g in genes)
+
     def make_items(
         self,
         cell_type: str,
