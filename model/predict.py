@@ -116,7 +116,7 @@ class Predictor:
         # Work that depends on a cached control cell or a store entry alone, done once here instead of per request.
         with torch.no_grad():
             self.control_tokens: dict[str, torch.Tensor] = {
-                ct: _chunked(lambda x: self.model.cells.mlp(x.to(device)).cpu(), torch.from_numpy(cells))
+                ct: _chunked(lambda x: self.model.cells.mlp(x.to(device).float()).cpu(), torch.from_numpy(cells))
                 for ct, cells in self.controls.items()
             }  # {cell type: (n_cached, d)}
             self.cand_codes = self._encode_store() if self.model.profiles is not None else None
