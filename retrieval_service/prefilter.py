@@ -50,7 +50,7 @@ class Int8Prefilter:
         self.bounds = np.linspace(0, n, shards + 1).astype(np.int64)  # shard s holds rows bounds[s]:bounds[s+1]
         sq, self.qtype = _train_quantizer(_sample_rows(keys, train_rows))
         self.residual = np.empty(n, np.float32)  # (N,) ||x - x̂||
-        self.decoded_norm = np.empty(n, np.float32)  # (N,) ||x̂||, for the rounding slack
+        largest = 1.0  # the largest ||x̂|| (at least 1), for the rounding slack
         parts = []
         for s in range(shards):
             index = faiss.IndexScalarQuantizer(
@@ -64,7 +64,7 @@ class Int8Prefilter:
                 codes = sq.compute_codes(x)
                 x_hat = sq.decode(codes)
                 self.residual[start : start + len(x)] = np.linalg.norm(x - x_hat, axis=1)
-                self.decoded_norm[start : start + len(x)] = np.linalg.norm(x_hat, axis=1)
+                largest = max(largest, float(np.linalg.norm(x_hat, axis=1).max(initial=0.0)))
                 index.add_sa_codes(codes)
             parts.append(index)
         self.parts = parts
@@ -77,11 +77,11 @@ class Int8Prefilter:
                 self.index.add_shard(p)
         self.max_residual = float(self.residual.max(initial=0.0))
         # float32 accumulation over d terms errs by at most ~d * 2^-24 * ||q|| ||x|| (in each of the two scans).
-        self._rounding = 2.0 * d * 2.0**-24 * float(max(self.decoded_norm.max(initial=0.0), 1.0))
+        self._rounding = 2.0 * d * 2.0**-24 * largest
 
     @property
     def nbytes(self) -> int:
-        return self.ntotal * self.d + 8 * self.ntotal
+        return self.ntotal * self.d + 4 * self.ntotal  # codes and residual norms
 
     def shortlist(self, q: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
         """``(n, r)`` approximate scores ``q·x̂`` and ids of the ``r`` best keys per query, best first."""
