@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from model.eval.report import _check_directions, _models_in_order, best_models, metric_header
+from model.eval.report import _checked_models, best_models, metric_header
 from retrieval_service.atomic import atomic_path
 
 __all__ = [
@@ -75,12 +75,7 @@ def plot_metric_bars(
     if not metrics:
         msg = "no metrics to plot"
         raise ValueError(msg)
-    missing = [m for m in metrics if m not in set(summary["metric"])]
-    if missing:
-        msg = f"metric(s) {missing} not in the summary"
-        raise ValueError(msg)
-    _check_directions(metrics, directions)
-    models = _models_in_order(summary, model_order)
+    models = _checked_models(summary, metrics, directions, model_order)
     best = best_models(summary[summary["metric"].isin(metrics)], directions, model_order=models,
                        exclude=exclude_from_best)  # fmt: skip
 

@@ -189,6 +189,21 @@ def _check_directions(metrics: Sequence[str], directions: Mapping[str, bool | No
         raise ValueError(msg)
 
 
+def _checked_models(
+    summary: pd.DataFrame,
+    metrics: Sequence[str],
+    directions: Mapping[str, bool | None],
+    model_order: Sequence[str] | None,
+) -> list[str]:
+    """The summary's models in display order, once every metric is in the summary and has a direction."""
+    missing = [m for m in metrics if m not in set(summary["metric"])]
+    if missing:
+        msg = f"metric(s) {missing} not in the summary"
+        raise ValueError(msg)
+    _check_directions(metrics, directions)
+    return _models_in_order(summary, model_order)
+
+
 def best_models(
     summary: pd.DataFrame,
     directions: Mapping[str, bool | None],
@@ -245,12 +260,7 @@ def markdown_table(
     get ``digits`` decimals, or ``digits`` significant digits in a column whose largest mean would round to zero.
     """
     metrics = list(metrics)
-    missing = [m for m in metrics if m not in set(summary["metric"])]
-    if missing:
-        msg = f"metric(s) {missing} not in the summary"
-        raise ValueError(msg)
-    _check_directions(metrics, directions)
-    models = _models_in_order(summary, model_order)
+    models = _checked_models(summary, metrics, directions, model_order)
     sub = summary[summary["metric"].isin(metrics)]
     best = best_models(sub, directions, model_order=models, exclude=exclude_from_best)
     cells = sub.set_index(["model", "metric"])
