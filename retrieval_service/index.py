@@ -608,12 +608,10 @@ class RetrievalIndex:
         """
         q = self._coerce_queries(queries)
         k = self._coerce_k(k)
-        if self._prefilter is not None and 0 < q.shape[0] <= PREFILTER_MAX_QUERIES:
-            allowed = self.allowed_mask(cell_types, exclude_cell_types)
-            if allowed is None or allowed.mean() >= 0.3:  # a narrow filter: gathering the allowed keys is cheaper
-                return self._search_prefiltered(q, k, allowed, *self._exclusions(exclude, q.shape[0]))
+        prefilter = self._prefilter is not None and 0 < q.shape[0] <= PREFILTER_MAX_QUERIES
         if (
-            exclude is None
+            not prefilter
+            and exclude is None
             and cell_types is None
             and exclude_cell_types is None
             and self.backend == "numpy"
@@ -624,6 +622,8 @@ class RetrievalIndex:
         ex_rows, ex_ids = self._exclusions(exclude, q.shape[0])
         if q.shape[0] == 0:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        if prefilter and (allowed is None or allowed.mean() >= 0.3):  # narrower: gathering allowed keys is cheaper
+            return self._search_prefiltered(q, k, allowed, ex_rows, ex_ids)
         if self.backend == "faiss":
             return self._search_faiss(q, k, allowed, ex_rows, ex_ids)
         return self._search_exact(q, k, allowed, ex_rows, ex_ids)
