@@ -61,11 +61,16 @@ class Prediction:
     columns: dict[str, np.ndarray]  # the candidates column by column: CANDIDATE_COLUMNS, one entry per candidate
     cells: np.ndarray | None = None  # (n_cells, G) predicted cells; None when the item asked for the mean only
     warnings: list[str] = field(default_factory=list)  # alias resolution, zero-shot cell type
+    # (G,) mean of ctrl. Computed with the forward pass (on the model's thread), not when a server reads delta on
+    # its event loop, where a numpy reduction released the GIL to the model thread and waited to get it back.
+    ctrl_mean: np.ndarray | None = None
 
     @property
     def delta(self) -> np.ndarray:
         """(G,) predicted pseudobulk change from the control cells."""
-        return self.mean - self.ctrl.mean(0)
+        if self.ctrl_mean is None:
+            self.ctrl_mean = self.ctrl.mean(0)
+        return self.mean - self.ctrl_mean
 
     @property
     def candidates(self) -> pd.DataFrame:
@@ -103,7 +108,10 @@ class Predictor:
         self.model, self.store, self.device = model.eval(), store, device
         self.genes: list[str] = list(ckpt[FEATURES])
         self.cell_types: list[str] = list(ckpt[CELL_TYPES])
-        self.controls: dict[str, np.ndarray] = {k: v.numpy() for k, v in ckpt[CONTROLS].items()}
+        self.controls: dict[str, np.ndarray] = {
+            ct: _checked_controls(v.numpy(), len(self.genes), what=f"cached control cells of {ct!r} in the checkpoint")
+            for ct, v in ckpt[CONTROLS].items()
+        }
         self.batches: list[str] = list(ckpt[BATCHES])  # empty: the model takes no batch input
         self.control_batches: dict[str, np.ndarray] = {k: v.numpy() for k, v in ckpt[CONTROL_BATCHES].items()}
         self.config: dict = ckpt[CONFIG]
@@ -232,16 +240,11 @@ class Predictor:
                 raise KeyError(msg)
             batch_code = self.batches.index(batch)
         ctrl_rows = None
-        if ctrl is None:
+        if ctrl is None:  # the cache: float32, (n, G) and finite, checked once at load
             ctrl_rows = self.control_rows(cell_type, n_cells=n_cells, seed=seed, batch_code=batch_code)
             ctrl = self.controls[cell_type][ctrl_rows]
-        ctrl = np.asarray(ctrl, dtype=np.float32)
-        if ctrl.ndim != 2 or ctrl.shape[1] != len(self.genes) or ctrl.shape[0] < 1:
-            msg = f"control cells must be (n_cells, {len(self.genes)}), got {ctrl.shape}"
-            raise ValueError(msg)
-        if not np.isfinite(ctrl).all():
-            msg = "control cells contain NaN or inf"
-            raise ValueError(msg)
+        else:
+            ctrl = _checked_controls(ctrl, len(self.genes))
         emb, control_label = self.store.index.embeddings, self.config["control_label"]
         parsed = {p: parse_perturbation(p, control_label=control_label) for p in perturbations}
         found = emb.lookup(dict.fromkeys(g for genes in parsed.values() for g in genes), aliases=self.aliases,
@@ -291,6 +294,7 @@ class Predictor:
             raise KeyError(msg)
         K = queries.cand_ids.shape[1]
         pred: list[np.ndarray] = [np.empty(0, np.float32)] * len(items)
+        ctrl_mean = np.zeros((len(items), G), np.float32)
         cos, scores, weights = (np.zeros((len(items), K), np.float32) for _ in range(3))
         groups: dict[tuple[int, bool], list[int]] = {}
         for i, it in enumerate(items):
@@ -299,10 +303,10 @@ class Predictor:
             step = max(1, MAX_FORWARD_CELLS // S)
             for start in range(0, len(members), step):
                 idx = members[start : start + step]
-                out = self._forward(items, queries, idx, pool=not cells)  # (B, S or 1, G), then (B, K) x 3
+                out = self._forward(items, queries, idx, pool=not cells)  # (B, S or 1, G), (B, G), then (B, K) x 3
                 for j, i in enumerate(idx):
                     pred[i] = out[0][j]
-                cos[idx], scores[idx], weights[idx] = out[1:]
+                ctrl_mean[idx], cos[idx], scores[idx], weights[idx] = out[1:]
         valid = queries.cand_ids >= 0
         cts, labs = np.zeros(0, object), np.zeros(0, object)
         if valid.any():  # one lookup for all items (one request to a retrieval service)
@@ -317,7 +321,7 @@ class Predictor:
             }  # fmt: skip
             result.append(Prediction(perturbation=it.perturbation, mean=pred[b].mean(0), ctrl=it.ctrl,
                                      columns=columns, cells=pred[b] if it.cells else None,
-                                     warnings=list(it.warnings)))  # fmt: skip
+                                     warnings=list(it.warnings), ctrl_mean=ctrl_mean[b]))  # fmt: skip
         return result
 
     def _retrieve(self, pairs: list[tuple[str, str]], items: list[PredictItem]) -> QuerySet:
@@ -342,8 +346,9 @@ class Predictor:
     def _forward(
         self, items: list[PredictItem], queries: QuerySet, idx: list[int], *, pool: bool = False
     ) -> tuple[np.ndarray, ...]:
-        """One forward pass over items ``idx`` (equal S): pred (B, S, G), or (B, 1, G) with ``pool``; cosines,
-        scores, weights (B, K). Precomputed control-cell tokens and candidate codes stand in for the encoders."""
+        """One forward pass over items ``idx`` (equal S): pred (B, S, G), or (B, 1, G) with ``pool``; the control
+        means (B, G); cosines, scores, weights (B, K). Precomputed control-cell tokens and candidate codes stand in
+        for the encoders."""
         cand_ids = queries.cand_ids[idx]  # (B, K)
         codes = {}
         if self.cand_codes is not None:
@@ -362,9 +367,11 @@ class Predictor:
             cell_tokens=tokens,
             **codes,
         ).to(self.device)
-        with torch.no_grad():
+        with torch.inference_mode():
             pred, _, info = self.model(batch, stochastic=False, pool=pool)
-        return tuple(t.float().cpu().numpy() for t in (pred, info["cosine"], info["scores"], info["weights"]))
+            ctrl_mean = batch.ctrl.mean(1)  # (B, G)
+        outs = (pred, ctrl_mean, info["cosine"], info["scores"], info["weights"])
+        return tuple(t.float().cpu().numpy() for t in outs)
 
     def predict(
         self,
@@ -406,6 +413,18 @@ class Predictor:
         adata.uns["ptrag_predict"] = {"cell_type": cell_type, "n_cells": n_cells, "seed": seed, "batch": batch or "",
                                       "variant": self.model.config.variant}  # fmt: skip
         return adata
+
+
+def _checked_controls(ctrl: np.ndarray, n_genes: int, *, what: str = "control cells") -> np.ndarray:
+    """``ctrl`` as float32 (n_cells >= 1, n_genes), finite; ``ValueError`` naming the problem otherwise."""
+    ctrl = np.asarray(ctrl, dtype=np.float32)
+    if ctrl.ndim != 2 or ctrl.shape[1] != n_genes or ctrl.shape[0] < 1:
+        msg = f"{what} must be (n_cells, {n_genes}), got {ctrl.shape}"
+        raise ValueError(msg)
+    if not np.isfinite(ctrl).all():
+        msg = f"{what} contain NaN or inf"
+        raise ValueError(msg)
+    return ctrl
 
 
 def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, rows: int = 4096) -> torch.Tensor:

@@ -284,6 +284,19 @@ def parse_label(label: str) -> tuple[str, ...]:
     return genes
 
 
+def _scores(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``q @ keys.T``: q (n, E), keys (b, E) -> (n, b) C-contiguous float32.
+
+    For 2 to 32 queries the product is taken the other way round, ``(keys @ q.T).T`` then a copy: OpenBLAS's
+    kernels for a short left operand ran 1.4-2.2x slower (one thread, 1k-20k keys of 1536-d; e.g. 8 queries x
+    1,168 keys 1.9 vs 0.9 ms), which is the serving micro-batcher's case. One query is a matrix-vector product
+    either way, and from ~64 queries the usual orientation is the faster one.
+    """
+    if 2 <= q.shape[0] <= 32:
+        return np.ascontiguousarray((keys @ q.T).T)
+    return q @ keys.T
+
+
 def _topk_unsorted(scores: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     """Column positions and values of the ``kk`` largest per row of ``(n, b)`` scores, in no order.
 
@@ -723,7 +736,7 @@ class RetrievalIndex:
         of a one-query search over a few thousand keys.
         """
         kk = min(k, self.ntotal)
-        scores = q @ self.keys.T  # (n, N) float32
+        scores = _scores(q, self.keys)  # (n, N) float32
         if q.shape[0] == 1 and scores.shape[1] < 8 * kk * _GROUP:
             # One query, a row too narrow for the two-stage top-k: 1-D calls, 20 us cheaper than the axis=1 forms.
             row = scores[0]
@@ -776,7 +789,7 @@ class RetrievalIndex:
         for start in range(0, n_cand, block):
             stop = min(start + block, n_cand)
             keys = self.keys[start:stop] if cand is None else self.keys[cand[start:stop]]
-            scores = q @ keys.T  # (n, b) float32
+            scores = _scores(q, keys)  # (n, b) float32
             if masked is not None:
                 scores[:, masked[start:stop]] = -np.inf
             if ex_pos.size:

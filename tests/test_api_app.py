@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_train import SMALL, _config
 
-from api.app import Settings, _top_genes, create_app, load_predictor
+from api.app import Settings, _BatchedLineHandler, _new_request_id, _top_genes, create_app, load_predictor
 from model.pipeline import RunConfig, run_main_job
 from model.predict import Predictor
 from model.train import train
@@ -482,6 +482,36 @@ def test_request_ids_and_access_log(client, model, caplog) -> None:
     ]  # fmt: skip
     assert lines[-1]["path"] == "/healthz" and lines[-1]["n_perturbations"] is None
     assert all(x["method"] in ("GET", "POST") and x["duration_ms"] > 0 for x in lines)
+
+
+def test_access_log_handler_writes_every_line_in_order_and_flushes_at_close() -> None:
+    stream = io.StringIO()
+    handler = _BatchedLineHandler(stream, interval=0.02)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(lambda rec: "skip" not in rec.getMessage())
+    log = logging.getLogger("test.batched_lines")
+    log.propagate, log.level = False, logging.INFO
+    log.addHandler(handler)
+    try:
+        for i in range(50):
+            log.info("line %d", i)
+        log.info("skip me")
+        deadline = time.monotonic() + 5
+        while stream.getvalue().count("\n") < 50 and time.monotonic() < deadline:  # the writer thread, unprompted
+            time.sleep(0.01)
+        assert stream.getvalue().splitlines() == [f"line {i}" for i in range(50)]
+        for i in range(50, 60):
+            log.info("line %d", i)
+    finally:
+        log.removeHandler(handler)
+        handler.close()  # what is still queued is written, not lost
+    assert stream.getvalue().splitlines() == [f"line {i}" for i in range(60)]
+    assert not handler._writer.is_alive()
+
+
+def test_generated_request_ids_are_unique_32_hex() -> None:
+    ids = [_new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
 
 # --- the batcher in process: batched items equal unbatched ---------------------------------------------------

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from retrieval_service.embeddings import GeneEmbeddings
-from retrieval_service.index import IndexSpec, InvalidQueryError, RetrievalIndex, UnknownGeneError
+from retrieval_service.index import IndexSpec, InvalidQueryError, RetrievalIndex, UnknownGeneError, _scores
 
 CELL_TYPES = ("A", "B", "C")
 
@@ -56,6 +56,16 @@ def _valid_mask(n, cell_types, allowed, excluded_ct, exclude_rows) -> np.ndarray
     for i, ex in enumerate(exclude_rows):
         valid[i, list(ex)] = False
     return valid
+
+
+@pytest.mark.parametrize("n_q", [1, 2, 8, 32, 33, 64])
+def test_scores_either_orientation_is_q_at_keys_t(n_q: int) -> None:
+    # Few queries take the product the other way round; the caller still gets a C-contiguous (n, b) matrix.
+    rng = np.random.default_rng(n_q)
+    q, keys = rng.standard_normal((n_q, 96), dtype=np.float32), rng.standard_normal((500, 96), dtype=np.float32)
+    got = _scores(q, keys)
+    assert got.shape == (n_q, 500) and got.dtype == np.float32 and got.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(got, q.astype(np.float64) @ keys.T.astype(np.float64), rtol=1e-5, atol=1e-4)
 
 
 def test_exact_parity_with_brute_force() -> None:
