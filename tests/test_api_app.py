@@ -537,6 +537,34 @@ def test_predict_items_batched_equals_one_by_one(predictor, model) -> None:
     assert not np.allclose(together[0].cells.mean(0), together[4].cells.mean(0))
 
 
+@pytest.mark.parametrize("cells", [True, False])
+def test_prediction_delta_is_mean_minus_its_own_control_mean(predictor, model, cells: bool) -> None:
+    # The control means come from the forward pass, per item, in a batch of items with different control sets.
+    g = model.genes
+    items = predictor.make_items(SEEN, [g[0], g[1]], n_cells=16, seed=4, cells=cells) + predictor.make_items(
+        "hepg2", [g[0]], n_cells=8, seed=5, cells=cells)  # fmt: skip
+    preds = predictor.predict_items(items)
+    for p, it in zip(preds, items, strict=True):
+        assert p.ctrl_mean is not None and p.ctrl_mean.shape == (len(predictor.genes),)
+        np.testing.assert_allclose(p.ctrl_mean, it.ctrl.mean(0), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(p.delta, p.mean - it.ctrl.mean(0), atol=1e-5, rtol=0)
+    assert not np.allclose(preds[0].ctrl_mean, preds[2].ctrl_mean)  # other cell type: other controls
+
+
+def test_checkpoint_with_non_finite_cached_controls_is_refused(predictor, model) -> None:
+    # Draws from the cache are not re-checked per request, so the cache itself is checked when a model loads.
+    from model.train import CONTROLS, load_checkpoint
+
+    ckpt = load_checkpoint(model.checkpoint)
+    ckpt[CONTROLS][SEEN][3, 1] = float("nan")
+    with pytest.raises(ValueError, match=f"cached control cells of '{SEEN}' in the checkpoint contain NaN or inf"):
+        Predictor(predictor.model, predictor.store, ckpt, device=predictor.device)
+    ckpt = load_checkpoint(model.checkpoint)
+    ckpt[CONTROLS][SEEN] = ckpt[CONTROLS][SEEN][:, :-1]  # a gene short
+    with pytest.raises(ValueError, match=r"must be \(n_cells, \d+\), got"):
+        Predictor(predictor.model, predictor.store, ckpt, device=predictor.device)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(-3, 3), min_size=1, max_size=60), st.integers(0, 70), st.booleans())
 def test_top_genes_equal_a_full_stable_sort(values: list[int], top_n: int, ties: bool) -> None:
