@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from model.data.matrices import cell_matrix
 from model.data.perturbations import format_perturbation, parse_perturbation
 from model.examples import CandidateTable, QuerySet, retrieve_candidates
 from model.nn.batch import Batch
@@ -109,7 +110,9 @@ class Predictor:
         self.genes: list[str] = list(ckpt[FEATURES])
         self.cell_types: list[str] = list(ckpt[CELL_TYPES])
         self.controls: dict[str, np.ndarray] = {
-            ct: _checked_controls(v.numpy(), len(self.genes), what=f"cached control cells of {ct!r} in the checkpoint")
+            ct: cell_matrix(
+                v.numpy(), f"cached control cells of {ct!r} in the checkpoint", len(self.genes), dtype=np.float32
+            )
             for ct, v in ckpt[CONTROLS].items()
         }
         self.batches: list[str] = list(ckpt[BATCHES])  # empty: the model takes no batch input
@@ -244,7 +247,7 @@ class Predictor:
             ctrl_rows = self.control_rows(cell_type, n_cells=n_cells, seed=seed, batch_code=batch_code)
             ctrl = self.controls[cell_type][ctrl_rows]
         else:
-            ctrl = _checked_controls(ctrl, len(self.genes))
+            ctrl = cell_matrix(ctrl, "control cells", len(self.genes), dtype=np.float32)
         emb, control_label = self.store.index.embeddings, self.config["control_label"]
         parsed = {p: parse_perturbation(p, control_label=control_label) for p in perturbations}
         found = emb.lookup(dict.fromkeys(g for genes in parsed.values() for g in genes), aliases=self.aliases,
@@ -413,18 +416,6 @@ class Predictor:
         adata.uns["ptrag_predict"] = {"cell_type": cell_type, "n_cells": n_cells, "seed": seed, "batch": batch or "",
                                       "variant": self.model.config.variant}  # fmt: skip
         return adata
-
-
-def _checked_controls(ctrl: np.ndarray, n_genes: int, *, what: str = "control cells") -> np.ndarray:
-    """``ctrl`` as float32 (n_cells >= 1, n_genes), finite; ``ValueError`` naming the problem otherwise."""
-    ctrl = np.asarray(ctrl, dtype=np.float32)
-    if ctrl.ndim != 2 or ctrl.shape[1] != n_genes or ctrl.shape[0] < 1:
-        msg = f"{what} must be (n_cells, {n_genes}), got {ctrl.shape}"
-        raise ValueError(msg)
-    if not np.isfinite(ctrl).all():
-        msg = f"{what} contain NaN or inf"
-        raise ValueError(msg)
-    return ctrl
 
 
 def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, rows: int = 4096) -> torch.Tensor:

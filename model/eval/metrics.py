@@ -67,12 +67,13 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 import scipy.stats
+
+from model.data.matrices import cell_matrix
 
 __all__ = [
     "METRICS",
@@ -147,23 +148,6 @@ METRICS: dict[str, MetricSpec] = _specs(
 # --- input checks ------------------------------------------------------------------------------------------------
 
 
-def _cells(x: Any, name: str, n_genes: int, *, min_rows: int = 1) -> np.ndarray:
-    """(n, G) float64 dense copy-free where possible; raises on the wrong G, too few rows or non-finite values."""
-    if sp.issparse(x):
-        x = x.toarray()
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or x.shape[1] != n_genes:
-        msg = f"{name} must be (n, {n_genes}) cells x genes, got shape {x.shape}"
-        raise ValueError(msg)
-    if x.shape[0] < min_rows:
-        msg = f"{name} needs at least {min_rows} cells, got shape {x.shape}"
-        raise ValueError(msg)
-    if not np.isfinite(x).all():
-        msg = f"{name} (shape {x.shape}) contains NaN or inf ({int((~np.isfinite(x)).sum())} values)"
-        raise ValueError(msg)
-    return x
-
-
 def _subsample(x: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.ndarray:
     """At most ``max_cells`` rows of x, drawn without replacement (in their original order)."""
     if max_cells < 2:
@@ -229,7 +213,7 @@ def fit_pca(
         raise ValueError(msg)
     n = cells.shape[0]
     rows = np.arange(n) if n <= max_cells else np.sort(rng.choice(n, size=max_cells, replace=False))
-    x = _cells(cells[rows], "cells", cells.shape[1], min_rows=2)  # (n', G)
+    x = cell_matrix(cells[rows], "cells", cells.shape[1], min_rows=2)  # (n', G)
     n, g = x.shape
     k = min(n_components, n - 1, g)
     if k < n_components:
@@ -285,7 +269,7 @@ def cell_type_reference(genes: Sequence[str], labels: Sequence[str], means: np.n
     if genes.ndim != 1 or labels.ndim != 1 or len(labels) == 0:
         msg = f"genes and labels must be non-empty 1-D, got shapes {genes.shape} and {labels.shape}"
         raise ValueError(msg)
-    means = _cells(means, "means", len(genes))
+    means = cell_matrix(means, "means", len(genes))
     if means.shape[0] != len(labels):
         msg = f"means has {means.shape[0]} rows but there are {len(labels)} labels"
         raise ValueError(msg)
@@ -508,8 +492,8 @@ def observe(
         msg = f"PCA basis has {pca.n_genes} genes but the reference has {g}"
         raise ValueError(msg)
     true_row = reference.row(perturbation)
-    observed = _cells(observed, "observed", g, min_rows=2)
-    ctrl_eval = _cells(ctrl_eval, "ctrl_eval", g, min_rows=2)
+    observed = cell_matrix(observed, "observed", g, min_rows=2)
+    ctrl_eval = cell_matrix(ctrl_eval, "ctrl_eval", g, min_rows=2)
     target_idx = np.flatnonzero(np.isin(reference.genes, np.asarray(list(target_genes), dtype=str)))
     keep = np.ones(g, dtype=bool)
     keep[target_idx] = False
@@ -554,8 +538,8 @@ def score(
     (``de_direction`` may be NaN).
     """
     g = obs.n_genes
-    pred = _cells(pred_cells, "pred_cells", g, min_rows=2)
-    ctrl = _cells(ctrl_input, "ctrl_input", g, min_rows=2)
+    pred = cell_matrix(pred_cells, "pred_cells", g, min_rows=2)
+    ctrl = cell_matrix(ctrl_input, "ctrl_input", g, min_rows=2)
     pred_m, ctrl_m = _Moments.of(pred), _Moments.of(ctrl)
     delta = pred_m.mean - ctrl_m.mean  # (G,)
     top = obs.top20
