@@ -304,7 +304,9 @@ def serve_and_load(args, checkpoint: Path, workers: int, threads: int, log: Path
                 start, cpu0 = http.get("/info").json()["batcher"], process_tree_cpu(server.proc.pid)
                 r = run_clients(server.url, n, args.requests, body, seed0=rnd * 10**7 + n * 10**5, kind=args.client)
                 end, cpu1 = http.get("/info").json()["batcher"], process_tree_cpu(server.proc.pid)
-                r |= {k: end[k] - start[k] for k in ("calls", "items")} | {"largest_call": end["largest_call"]}
+                # largest_call is a running maximum: it describes this phase only when the phase raised it.
+                largest = end["largest_call"] if end["largest_call"] > start["largest_call"] else None
+                r |= {k: end[k] - start[k] for k in ("calls", "items")} | {"largest_call": largest}
                 r |= {"threads": threads, "workers": workers, "server_cpu_ms": (cpu1 - cpu0) * 1000 / r["requests"]}
                 r["round"] = rnd
                 results.append(r)
@@ -392,7 +394,8 @@ def write_report(args, command, info, cell_type, gene, results, rows, note, befo
         single = next((x for x in results if same(x, r) and x["clients"] == 1), None)
         ratio = f"{r['rps'] / single['rps']:.2f}x" if single else "-"
         # With several workers /info answers from one of them: its counters are not the whole server's.
-        passes = f"{r['calls']} | {r['items'] / r['calls']:.1f} / {r['largest_call']}" if r["workers"] == 1 and r[
+        largest = r["largest_call"] if r["largest_call"] is not None else "not above an earlier phase's"
+        passes = f"{r['calls']} | {r['items'] / r['calls']:.1f} / {largest}" if r["workers"] == 1 and r[
             "calls"] else "n/a (per worker) | n/a"  # fmt: skip
         lines.append(
             f"| {r['workers']} | {r['threads'] or 'default'} | {r['round']} | {r['clients']} | {r['requests']} | "
