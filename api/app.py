@@ -649,8 +649,11 @@ class _BatchedLineHandler(logging.Handler):
                 self.handleError(record)
         if lines:
             with self.lock:  # flush can run on the writer thread and at close
-                self.stream.write("\n".join(lines) + "\n")
-                self.stream.flush()
+                try:
+                    self.stream.write("\n".join(lines) + "\n")
+                    self.stream.flush()
+                except (OSError, ValueError):  # a closed or broken stream: report it, keep the writer alive
+                    self.handleError(record)
 
     def close(self) -> None:
         self._closed.set()

@@ -509,6 +509,28 @@ def test_access_log_handler_writes_every_line_in_order_and_flushes_at_close() ->
     assert not handler._writer.is_alive()
 
 
+def test_access_log_writer_survives_a_failing_stream(capsys) -> None:
+    class Flaky(io.StringIO):
+        fail = True
+
+        def write(self, text: str) -> int:
+            if self.fail:
+                self.fail = False
+                raise OSError("disk full")
+            return super().write(text)
+
+    stream = Flaky()
+    handler = _BatchedLineHandler(stream, interval=0.02)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "first", None, None)
+    handler.handle(record)
+    handler.flush()  # the write fails: reported, not raised
+    assert "disk full" in capsys.readouterr().err
+    handler.handle(logging.LogRecord("t", logging.INFO, __file__, 1, "second", None, None))
+    handler.close()
+    assert stream.getvalue() == "second\n"
+
+
 def test_generated_request_ids_are_unique_32_hex() -> None:
     ids = [_new_request_id() for _ in range(1000)]
     assert len(set(ids)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
