@@ -33,7 +33,6 @@ import io
 import itertools
 import json
 import logging
-import logging.handlers
 import re
 import secrets
 import sys
@@ -598,7 +597,7 @@ def _new_request_id() -> str:
 
 
 class _JSONLine:
-    """A log message rendered as JSON only when a handler formats it (on the listener thread), not on the loop."""
+    """A log message rendered as JSON only when a handler formats it (on the writer thread), not on the loop."""
 
     __slots__ = ("data",)
 
