@@ -372,8 +372,7 @@ class Predictor:
         ).to(self.device)
         with torch.inference_mode():
             pred, _, info = self.model(batch, stochastic=False, pool=pool)
-            ctrl_mean = batch.ctrl.mean(1)  # (B, G)
-        outs = (pred, ctrl_mean, info["cosine"], info["scores"], info["weights"])
+        outs = (pred, info["ctrl_mean"], info["cosine"], info["scores"], info["weights"])
         return tuple(t.float().cpu().numpy() for t in outs)
 
     def predict(

@@ -102,6 +102,7 @@ def test_shapes_for_every_variant(variant):
     assert loss.shape == () and torch.isfinite(loss)
     assert info["scores"].shape == (4, K)
     assert info["weights"].shape == (4, K)
+    assert "ctrl_mean" not in info  # training: not computed
     assert info["selection"].shape == (4, 3, K)
     assert info["selected"].shape == (4, 3) and info["selected"].dtype == torch.int64
     assert info["loss_terms"]["energy"].shape == (4,)
@@ -407,6 +408,8 @@ def test_pooled_prediction_is_the_mean_of_the_cells(variant):
     assert (cells.mean(1, keepdim=True) - batch.ctrl.mean(1, keepdim=True)).abs().max() > 0.05  # a real shift
     torch.testing.assert_close(pooled, cells.mean(1, keepdim=True), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(info_p["weights"], info["weights"])
+    for i in (info, info_p):  # the mean a delta is measured from, in both modes
+        torch.testing.assert_close(i["ctrl_mean"], batch.ctrl.mean(1))
     with pytest.raises(AssertionError, match="pool only at inference"):
         model(make_batch(3), pool=True)
 

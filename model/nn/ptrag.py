@@ -145,6 +145,8 @@ class PTRAG(nn.Module):
             ones: uniform for the baselines; for ptrag softmax(scores / tau) over the kept ones (its generator sees
             every kept candidate as a full token, so this is the refiner's relevance, for explanation).
             ``cosine`` (B, K): the stage-1 cosine of each candidate's key to the query (padding included).
+            ``ctrl_mean`` (B, G): the mean of each set's control cells (what a predicted delta is measured from),
+            only without a target (inference; training has no use for it).
             ``loss_terms``: ``{name: (B,)}`` per-set loss components, only when a target is given.
         """
         cfg = self.config
@@ -193,12 +195,15 @@ class PTRAG(nn.Module):
         if self.batch is not None and batch.batch_id is not None:
             known = (batch.batch_id >= 0).unsqueeze(-1)  # (B, 1); -1 = unknown batch, no embedding added
             cond = cond + self.batch(batch.batch_id.clamp(min=0)) * known
-        ctrl = batch.ctrl.mean(dim=1, keepdim=True) if pool else batch.ctrl  # (B, 1 or S, G)
+        ctrl_mean = batch.ctrl.mean(dim=1, keepdim=True) if pool or batch.target is None else None  # (B, 1, G)
+        ctrl = ctrl_mean if pool else batch.ctrl  # (B, 1 or S, G)
         pred = ctrl + self.generator(cells, cond, context, used, pool=pool)  # (B, 1 or S, G)
         if self.copy_gain is not None:
             pred = pred + self.copy_gain * copied[:, None, :]  # (B, 1 or S, G)
         info = self._explain(scores, selection, mask, tau=tau)
         info["cosine"] = cos.detach()
+        if ctrl_mean is not None:
+            info["ctrl_mean"] = ctrl_mean.detach().squeeze(1)  # (B, G)
         loss = None
         if batch.target is not None:
             loss, info["loss_terms"] = combined_loss(pred, batch.target, cfg)
