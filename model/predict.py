@@ -161,7 +161,8 @@ class Predictor:
         if aliases is not None and not isinstance(aliases, Mapping):
             aliases = load_aliases(aliases)
         dev = torch.device(device)
-        ckpt = load_checkpoint(checkpoint, map_location=dev)
+        # On the CPU: only the network moves to ``dev``; the cached controls and tables stay numpy-side.
+        ckpt = load_checkpoint(checkpoint)
         model = PTRAG(PTRAGConfig(**ckpt[MODEL_ARGS]))
         model.load_state_dict(ckpt[MODEL])
         cfg = ckpt[CONFIG]

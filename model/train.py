@@ -61,8 +61,8 @@ class _State:
 
 def train(config: TrainConfig) -> dict:
     """Train (or resume) into ``config.run_dir``; return the final state (step, best validation, history)."""
-    rank, world = _init_distributed()
     device = _device(config.device)
+    rank, world, device = _init_distributed(device)
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.batch_size % world:
@@ -336,18 +336,32 @@ def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
-def _init_distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun with more than one process."""
+def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device); joins the process group when torchrun started several processes.
+
+    The backend follows the device, not what the machine has: ``device=cpu`` on a GPU machine trains with gloo.
+    On CUDA each process takes the GPU of its local rank, so there must be one GPU per process on the node.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
+        return 0, 1, device
     import torch.distributed as dist
 
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        n_gpus = torch.cuda.device_count()
+        if per_node > n_gpus:
+            msg = (
+                f"torchrun started {per_node} processes on this node but {n_gpus} GPU(s) are visible; "
+                f"use --nproc-per-node {n_gpus} (one process per GPU) or train on CPU with --device cpu"
+            )
+            raise ValueError(msg)
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def _wrap_ddp(model: PTRAG, device: torch.device) -> torch.nn.Module:

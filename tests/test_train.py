@@ -137,7 +137,8 @@ def _free_port() -> int:
 
 
 def test_two_process_ddp_matches_one_process(run_dir, tmp_path):
-    cfg = _config(run_dir, tmp_path / "ddp", max_steps=4, eval_every=2)
+    # On CPU (gloo) wherever it runs: two processes on a one-GPU machine is a user error (tested below).
+    cfg = _config(run_dir, tmp_path / "ddp", max_steps=4, eval_every=2, device="cpu")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "api.cli", "train", "--no-progress"]  # fmt: skip
     for key in (
@@ -157,12 +158,13 @@ def test_two_process_ddp_matches_one_process(run_dir, tmp_path):
         "eval_every",
         "warmup_steps",
         "lr",
+        "device",
     ):
         cmd += ["--" + key.replace("_", "-"), str(getattr(cfg, key))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    single = train(_config(run_dir, tmp_path / "one", max_steps=4, eval_every=2))
+    single = train(_config(run_dir, tmp_path / "one", max_steps=4, eval_every=2, device="cpu"))
     ddp_hist = load_checkpoint(tmp_path / "ddp" / "last.pt")["train_state"]["history"]
     np.testing.assert_allclose([r["loss"] for r in ddp_hist], [r["loss"] for r in single["history"]], rtol=1e-4)
     # Parameters: all-reduced gradients sum in another order, and Adam turns a float-rounding difference in a
@@ -300,3 +302,35 @@ def test_optional_batch_input(run_dir, tmp_path):
     assert not np.allclose(unknown.cells, known.cells)
     with pytest.raises(KeyError, match="unknown batch 'nope'"):
         predictor.predict("rpe1", [gene], batch="nope")
+
+
+def test_more_processes_than_gpus_is_refused_with_the_fix(monkeypatch):
+    # Found on a one-GPU machine: the second process asked for GPU 1 and died in CUDA with no hint.
+    from model import train as train_module
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"2 processes on this node but 1 GPU.*--nproc-per-node 1.*--device cpu"):
+        train_module._init_distributed(torch.device("cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on GPU machines, not in CI)")
+def test_cuda_training_and_prediction_match_cpu(run_dir, tmp_path):
+    steps = {"max_steps": 4, "eval_every": 2}
+    on_cpu = train(_config(run_dir, tmp_path / "cpu", device="cpu", **steps))
+    on_gpu = train(_config(run_dir, tmp_path / "gpu", device="cuda", **steps))
+    # Same seeds and noise (drawn with numpy): only float rounding of the kernels differs.
+    np.testing.assert_allclose([r["loss"] for r in on_gpu["history"]], [r["loss"] for r in on_cpu["history"]],
+                               rtol=1e-3)  # fmt: skip
+    # A checkpoint written on the GPU serves on either device, with the same answer.
+    gene = Split.load(run_dir / "split.json").test[0][1]
+    ckpt = tmp_path / "gpu" / "last.pt"
+    served = {dev: Predictor.load(ckpt, device=dev) for dev in ("cpu", "cuda")}
+    assert next(served["cuda"].model.parameters()).device.type == "cuda"
+    a, b = (served[dev].predict("rpe1", [gene], n_cells=16, seed=3)[0] for dev in ("cpu", "cuda"))
+    np.testing.assert_array_equal(a.columns["id"], b.columns["id"])
+    np.testing.assert_allclose(b.columns["weight"], a.columns["weight"], atol=1e-4)
+    np.testing.assert_allclose(b.cells, a.cells, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(b.delta, a.delta, atol=1e-4, rtol=1e-4)
