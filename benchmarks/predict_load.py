@@ -212,8 +212,11 @@ def process_tree_cpu(pid: int) -> float:
     return total
 
 
-def profile_in_process(checkpoint: Path, index: Path, cell_type: str, gene: str, threads: int | None) -> list:
-    """Median ms of each step of one request, and of the forward pass over 16 items, in this process."""
+def profile_in_process(
+    checkpoint: Path, index: Path, cell_type: str, gene: str, threads: int | None, device: str
+) -> list:
+    """Median ms of each step of one request, and of the forward pass over 16 items, in this process, with the
+    model on ``device`` (the server's: outputs are copied to numpy, so CUDA timings include the wait)."""
     import orjson
     import torch
     from threadpoolctl import threadpool_limits
@@ -224,7 +227,7 @@ def profile_in_process(checkpoint: Path, index: Path, cell_type: str, gene: str,
     if threads is not None:
         torch.set_num_threads(threads)
         threadpool_limits(limits=threads)
-    p = Predictor.load(checkpoint, index=index)
+    p = Predictor.load(checkpoint, index=index, device=device)
 
     def ms(f, n: int = 30) -> float:
         for _ in range(3):
@@ -282,7 +285,7 @@ def serve_and_load(args, checkpoint: Path, workers: int, threads: int, log: Path
     """One server (``workers`` uvicorn processes, PTRAG_MODEL_THREADS=threads, 0: the libraries' default): every
     client count in turn."""
     env = {"PTRAG_CHECKPOINT": str(checkpoint), "PTRAG_INDEX_DIR": str(args.index),
-           "PTRAG_BATCH_WAIT_MS": str(args.batch_wait_ms), "PTRAG_DEVICE": "cpu"}  # fmt: skip
+           "PTRAG_BATCH_WAIT_MS": str(args.batch_wait_ms), "PTRAG_DEVICE": args.device}  # fmt: skip
     if threads:
         env["PTRAG_MODEL_THREADS"] = str(threads)
     server = Server(env, log, workers=workers)
@@ -338,6 +341,7 @@ def main() -> None:
         help="load generator: stdlib http.client (lean: it shares the cores with the server), or httpx",
     )
     ap.add_argument("--batch-wait-ms", type=float, default=2.0)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="the server's PTRAG_DEVICE")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every client count per server")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "predict_load.md")
@@ -355,7 +359,8 @@ def main() -> None:
             results += part
     after = machine()
     first = args.model_threads[0] or None
-    rows = profile_in_process(checkpoint, args.index, cell_type, gene, first) if args.profile else []
+    device = info["device"]
+    rows = profile_in_process(checkpoint, args.index, cell_type, gene, first, device) if args.profile else []
     write_report(args, command, info, cell_type, gene, results, rows, note, before, after)
 
 
@@ -370,11 +375,12 @@ def write_report(args, command, info, cell_type, gene, results, rows, note, befo
         f"{info['retrieval']}; checkpoint step {info['checkpoint_step']}.",
         f"Server: `uvicorn api.app:app --workers N` in its own process(es), PTRAG_BATCH_WAIT_MS={args.batch_wait_ms}, "
         f"PTRAG_BATCH_MAX_ITEMS={info['limits']['batch_max_items']}; workers and PTRAG_MODEL_THREADS as in the table "
-        "(each worker loads the model and runs its own micro-batcher).",
+        f"(each worker loads the model and runs its own micro-batcher); model on `{info['device']}`.",
         f"Requests: `{cell_type}`, one perturbation (`{gene}`), 64 control cells, JSON response (delta, profile, top "
         f"genes, 32 candidates), a different seed per request; {args.requests} requests per client, back to back; "
         f"{args.rounds} rounds of every client count per server (ratios compare phases of the same round).",
-        f"Load generator: `{args.client}` client threads in this process, on the same 2 cores as the server; the "
+        f"Load generator: `{args.client}` client threads in this process, on the same {os.cpu_count()} cores as the "
+        "server; the "
         "CPU columns are CPU seconds per request of the server's processes and of the client process.",
     ]
     if note:
@@ -429,8 +435,8 @@ def write_report(args, command, info, cell_type, gene, results, rows, note, befo
     if rows:
         lines += [
             "",
-            f"## Where the time goes (one request, in process, model threads {args.model_threads[0] or 'default'}; "
-            "median ms)",
+            f"## Where the time goes (one request, in process, model on `{info['device']}`, model threads "
+            f"{args.model_threads[0] or 'default'}; median ms)",
             "",
             "| step | ms |",
             "|---|---:|",
@@ -439,7 +445,7 @@ def write_report(args, command, info, cell_type, gene, results, rows, note, befo
         per_item = dict(rows)["forward pass, 16 items (B=16), per item"]
         single = next((r for r in results if r["threads"] == args.model_threads[0] and r["clients"] == 1
                        and r["workers"] == 1 and r["round"] == 1), None)  # fmt: skip
-        if single:
+        if single and info["device"] == "cpu":
             bound = 1000 / per_item
             lines += [
                 "",

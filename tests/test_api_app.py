@@ -23,7 +23,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_train import SMALL, _config
 
-from api.app import Settings, _BatchedLineHandler, _new_request_id, _top_genes, create_app, load_predictor
+from api.app import (
+    Settings,
+    _BatchedLineHandler,
+    _new_request_id,
+    _top_genes,
+    create_app,
+    load_predictor,
+    resolve_device,
+)
 from model.pipeline import RunConfig, run_main_job
 from model.predict import Predictor
 from model.train import train
@@ -94,7 +102,8 @@ def model(tmp_path_factory) -> Trained:
 
 @pytest.fixture(scope="module")
 def predictor(model) -> Predictor:
-    return Predictor.load(model.checkpoint)
+    # On the device the app picks (auto: CUDA on a GPU machine), so that answers can be compared bit for bit.
+    return Predictor.load(model.checkpoint, device=resolve_device("auto"))
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +155,7 @@ def test_healthz_readyz_and_info(client, model, predictor) -> None:
         "validation_metric": "val_energy_distance",
         "validation_value": pytest.approx(state["best_val"]),
         "retrieval": str(model.run / "index"),
-        "device": "cpu",
+        "device": resolve_device("auto"),
         "limits": {"max_perturbations": 4, "max_cells": 100, "batch_wait_ms": 2.0, "batch_max_items": 64},
     }
     assert client.get("/openapi.json").json()["paths"].keys() == {"/healthz", "/readyz", "/info", "/predict"}
