@@ -324,6 +324,11 @@ def _topk_unsorted(scores: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]
     return np.take_along_axis(cols, pos, axis=1), np.take_along_axis(vals, pos, axis=1)
 
 
+def _within(exact: np.ndarray, approx: np.ndarray, bound: np.ndarray) -> bool:
+    """Whether approximate scores are within their bound of the float32 exact ones (float32 rounding allowed)."""
+    return bool(np.all(np.abs(exact.astype(np.float64) - approx) <= bound + 1e-6 * (1.0 + np.abs(exact))))
+
+
 def _as_id_array(values: Iterable[Any], what: str) -> np.ndarray:
     arr = np.asarray(list(values) if not isinstance(values, np.ndarray) else values)
     if arr.size == 0:
@@ -425,8 +430,8 @@ class RetrievalIndex:
         if prefilter and self.backend == "numpy" and n:
             t0 = time.perf_counter()
             self._prefilter = Int8Prefilter(keys)
-            logger.info("8-bit prefilter of %d keys (%s, %d shards, %.0f MB) built in %.1f s", n,
-                        self._prefilter.qtype, len(self._prefilter.parts), self._prefilter.nbytes / 1e6,
+            logger.info("8-bit prefilter of %d keys (%s backend, %s, %.0f MB) built in %.1f s", n,
+                        self._prefilter.backend, self._prefilter.qtype, self._prefilter.nbytes / 1e6,
                         time.perf_counter() - t0)  # fmt: skip
         self.prefilter_stats = {"certified": 0, "refetched": 0, "scanned": 0}  # how prefiltered queries ended
         logger.info(
@@ -832,7 +837,6 @@ class RetrievalIndex:
         out_s = np.full((n, k), -np.inf, np.float32)
         out_i = np.full((n, k), -1, np.int64)
         n_allowed = big_n if allowed is None else int(allowed.sum())
-        q_norm = np.linalg.norm(q, axis=1)
         for row in range(n):
             ex = ex_ids[ex_rows == row]
             n_valid = n_allowed - int(ex.size if allowed is None else allowed[ex].sum())
@@ -841,14 +845,16 @@ class RetrievalIndex:
                 continue
             # 8x over-fetch: on random unit keys (no structure, the worst case) the certificate held for 8k.
             r = max(64, 8 * math.ceil((kk + ex.size) * big_n / max(n_allowed, 1)))
+            view = pre.query(q[row])
             while True:
                 if 8 * r > big_n and r < big_n:  # certificates keep failing: the data defeats the codes
                     self.prefilter_stats["scanned"] += 1
                     s, i = self._search_exact(q[row : row + 1], k, allowed, np.zeros(ex.size, np.int64), ex)
                     out_s[row], out_i[row] = s[0], i[0]
                     break
-                approx, ids = pre.shortlist(q[row : row + 1], r)  # (1, r) each, best first
-                fetched = ids[0][ids[0] >= 0]
+                approx, ids = view.shortlist(r)  # (r,) each, best first
+                got = ids >= 0
+                fetched, fetched_approx = ids[got], approx[got]
                 ok = np.ones(fetched.size, bool)
                 if allowed is not None:
                     ok &= allowed[fetched]
@@ -856,15 +862,22 @@ class RetrievalIndex:
                     ok &= ~np.isin(fetched, ex)
                 cand = fetched[ok]
                 exact = self.keys[cand] @ q[row]  # (c,) float32
+                if not _within(exact, fetched_approx[ok], view.key_bound(cand)):
+                    # The codes broke their own bound (never seen; it would be a backend fault): stay exact.
+                    logger.error("int8 prefilter (%s) exceeded its error bound; this query was scanned exactly",
+                                 pre.backend)  # fmt: skip
+                    self.prefilter_stats["scanned"] += 1
+                    s, i = self._search_exact(q[row : row + 1], k, allowed, np.zeros(ex.size, np.int64), ex)
+                    out_s[row], out_i[row] = s[0], i[0]
+                    break
                 complete = fetched.size >= big_n  # the shortlist is every key: nothing outside to bound
                 if cand.size >= kk:
-                    top = np.argpartition(exact, cand.size - kk)[cand.size - kk :] if cand.size > kk else slice(None)
+                    top = np.lexsort((cand, -exact))[:kk]  # best first, ties to the lower id (as the exact scan)
                     vals, top_ids = exact[top], cand[top]
-                    t = float(vals.min())
+                    t = float(vals[-1])
                     # Strict: a key outside could tie t, and ties go to the lower id.
-                    if complete or pre.outside_bound(q_norm[row], approx[0][fetched.size - 1]) < t:
-                        order = np.lexsort((top_ids, -vals))
-                        out_s[row, :kk], out_i[row, :kk] = vals[order], top_ids[order]
+                    if complete or view.outside_bound(float(fetched_approx[-1])) < t:
+                        out_s[row, :kk], out_i[row, :kk] = vals, top_ids
                         self.prefilter_stats["certified"] += 1
                         break
                 elif complete:  # fewer valid keys than k (guarded above; defensive)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retrieval_service.index import RetrievalIndex
-from retrieval_service.prefilter import Int8Prefilter
+from retrieval_service.prefilter import Int8Prefilter, PrefilterQuery
 from tests.test_retrieval_index import _check, _valid_mask
 
 
@@ -17,9 +17,13 @@ def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+BACKENDS = ["onednn", "faiss"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), r=st.integers(1, 400), shards=st.integers(1, 4), scale=st.floats(0.1, 10))
-def test_outside_bound_holds_for_every_key_left_out(seed: int, r: int, shards: int, scale: float) -> None:
+def test_outside_bound_holds_for_every_key_left_out(backend: str, seed: int, r: int, shards: int, scale: float) -> None:
     # The certificate: no key outside a shortlist scores above outside_bound. Anisotropic keys (a few large
     # dimensions, as in GenePT) and unnormalised queries included.
     rng = np.random.default_rng(seed)
@@ -27,24 +31,27 @@ def test_outside_bound_holds_for_every_key_left_out(seed: int, r: int, shards: i
     keys[:, :3] *= 6.0
     keys /= np.linalg.norm(keys, axis=1, keepdims=True)
     q = (_unit(rng, 3, 48) * scale).astype(np.float32)
-    pre = Int8Prefilter(keys, shards=shards)
+    pre = Int8Prefilter(keys, shards=shards, backend=backend)
+    assert pre.backend == backend
     approx, ids = pre.shortlist(q, r)
     exact = q.astype(np.float64) @ keys.astype(np.float64).T  # (3, N)
     for i in range(3):
         assert len(set(ids[i].tolist())) == r and (ids[i] >= 0).all()  # global ids across shards
         outside = np.setdiff1d(np.arange(2000), ids[i])
-        bound = pre.outside_bound(np.linalg.norm(q[i]), approx[i, -1])
+        bound = pre.outside_bound(q[i], approx[i, -1])
         assert exact[i, outside].max() <= bound
-        # and the approximate scores are close to the true ones, within the per-key residual
+        # and each approximate score is within its key's bound of the true one
         err = np.abs(exact[i, ids[i]] - approx[i])
-        assert (err <= np.linalg.norm(q[i]) * pre.residual[ids[i]] + 1e-4).all()
+        assert (err <= pre.key_bound(q[i], ids[i])).all()
+        assert (np.diff(approx[i]) <= 0).all()  # best first
 
 
-def test_residuals_are_measured_not_assumed() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residuals_are_measured_not_assumed(backend: str) -> None:
     rng = np.random.default_rng(1)
     keys = _unit(rng, 500, 32)
     keys[7] *= 40.0  # not among the rows trained on (every 5th): its codes clip, its residual says so
-    pre = Int8Prefilter(keys, shards=1, train_rows=100)
+    pre = Int8Prefilter(keys, shards=1, train_rows=100, backend=backend)
     assert pre.residual[7] > 10 * np.median(pre.residual)
     assert pre.max_residual == pytest.approx(float(pre.residual.max()))
 
@@ -55,8 +62,38 @@ def test_per_dimension_ranges_for_anisotropic_keys() -> None:
     aniso = iso.copy()
     aniso[:, :2] *= 100.0  # two dimensions dominate, as in ada-002 embeddings (there: a 16x residual ratio)
     aniso /= np.linalg.norm(aniso, axis=1, keepdims=True)
-    assert Int8Prefilter(iso, shards=1).qtype == "QT_8bit_uniform"
-    assert Int8Prefilter(aniso, shards=1).qtype == "QT_8bit"
+    assert Int8Prefilter(iso, shards=1, backend="faiss").qtype == "QT_8bit_uniform"
+    assert Int8Prefilter(aniso, shards=1, backend="faiss").qtype == "QT_8bit"
+
+
+def test_onednn_codes_use_per_dimension_ranges() -> None:
+    # GenePT ada-002 vectors have a few dimensions far larger than the rest; one int8 step per key would then be
+    # coarse for all the others. Per-dimension ranges keep the residual as small as FAISS' QT_8bit codes.
+    rng = np.random.default_rng(6)
+    aniso = _unit(rng, 1000, 64)
+    aniso[:, :2] *= 100.0
+    aniso /= np.linalg.norm(aniso, axis=1, keepdims=True)
+    ours = Int8Prefilter(aniso, backend="onednn").max_residual
+    faiss_per_dim = Int8Prefilter(aniso, shards=1, backend="faiss")
+    assert faiss_per_dim.qtype == "QT_8bit"
+    assert ours <= 1.05 * faiss_per_dim.max_residual
+    s = np.abs(aniso).max(axis=1, keepdims=True) / 127  # one symmetric step per key, for comparison
+    per_key = np.linalg.norm(aniso - np.rint(aniso / s) * s, axis=1).max()
+    assert ours < per_key / 2
+
+
+def test_auto_falls_back_to_faiss_when_the_int8_operator_is_missing(monkeypatch) -> None:
+    import torch
+
+    class NoOnednn:
+        def __getattr__(self, name):
+            raise AttributeError(name)
+
+    monkeypatch.setattr(torch.ops, "onednn", NoOnednn())
+    keys = _unit(np.random.default_rng(7), 500, 16)
+    assert Int8Prefilter(keys).backend == "faiss"
+    with pytest.raises(RuntimeError, match="oneDNN int8"):
+        Int8Prefilter(keys, backend="onednn")
 
 
 def _pair(keys: np.ndarray, cell_types: list[str]) -> tuple[RetrievalIndex, RetrievalIndex]:
@@ -136,3 +173,34 @@ def test_default_prefilter_only_for_large_numpy_indexes() -> None:
     labels = list(map(str, range(8192)))
     assert RetrievalIndex(big, cell_types=["A"] * 8192, labels=labels)._prefilter is not None
     assert RetrievalIndex(big, cell_types=["A"] * 8192, labels=labels, backend="faiss")._prefilter is None
+
+
+def test_a_backend_that_breaks_its_bound_falls_back_to_the_exact_scan(caplog, monkeypatch) -> None:
+    rng = np.random.default_rng(8)
+    keys = _unit(rng, 3000, 32)
+    pre, plain = _pair(keys, ["A"] * 3000)
+    honest = PrefilterQuery.shortlist
+
+    def lying(self, r):  # scores shifted by far more than the bound allows
+        approx, ids = honest(self, r)
+        return approx + 0.5, ids
+
+    monkeypatch.setattr(PrefilterQuery, "shortlist", lying)
+    q = _unit(rng, 1, 32)
+    np.testing.assert_array_equal(pre.search(q, 10)[1], plain.search(q, 10)[1])
+    assert pre.prefilter_stats["scanned"] == 1 and "exceeded its error bound" in caplog.text
+
+
+def test_each_search_scores_its_own_query() -> None:
+    # No cache across calls: the same query twice is scanned twice (a benchmark repeating one query measures
+    # the scan, not a lookup), and queries in a row get their own scores.
+    rng = np.random.default_rng(9)
+    keys = _unit(rng, 3000, 32)
+    pre = Int8Prefilter(keys)
+    q = _unit(rng, 2, 32)
+    a, b = pre.query(q[0]), pre.query(q[1])
+    assert pre.query(q[0]).scores is not a.scores or a.scores is None
+    exact = q.astype(np.float64) @ keys.T.astype(np.float64)
+    for view, row in ((a, 0), (b, 1)):
+        approx, ids = view.shortlist(5)
+        assert (np.abs(approx - exact[row, ids]) <= view.key_bound(ids)).all()
