@@ -28,6 +28,7 @@ import inspect
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -200,6 +201,8 @@ def _limit_omp_threads(n: int | None) -> None:
         import faiss
 
         faiss.omp_set_num_threads(n)
+        if "torch" in sys.modules:  # the int8 prefilter's matmul runs on torch's threads
+            sys.modules["torch"].set_num_threads(n)
         _thread_state.omp_threads = n
 
 
