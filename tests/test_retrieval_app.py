@@ -359,9 +359,11 @@ def test_search_inline_or_threadpool_same_answer(
     threads = []
     search = app_mod._search
     monkeypatch.setattr(app_mod, "_search", lambda *a: threads.append(threading.get_ident()) or search(*a))
-    monkeypatch.setattr(app_mod, "INLINE_MAX_WORK", inline_max)
+    for name in ("INLINE_MAX_WORK", "INLINE_ALL_CORES_MAX_WORK"):
+        monkeypatch.setattr(app_mod, name, inline_max)
     got = client.post("/search", json=body)
-    monkeypatch.setattr(app_mod, "INLINE_MAX_WORK", 0)  # the reference: always in the threadpool
+    for name in ("INLINE_MAX_WORK", "INLINE_ALL_CORES_MAX_WORK"):
+        monkeypatch.setattr(app_mod, name, 0)  # the reference: always in the threadpool
     reference = client.post("/search", json=body)
     assert (got.status_code, got.json()) == (reference.status_code, reference.json())
     loop_thread = client.portal.call(threading.get_ident)
@@ -371,8 +373,20 @@ def test_search_inline_or_threadpool_same_answer(
 
 def test_runs_inline_needs_an_index_estimate(store: Store) -> None:
     body = SearchRequest.model_validate({"genes": ["G3"], "k": 1})
-    assert app_mod._runs_inline(body, store)  # 32 keys x 16 dims: cheap
-    assert not app_mod._runs_inline(body, types.SimpleNamespace(query=store.query))  # a stand-in without one
+    settings = Settings()
+    assert app_mod._runs_inline(body, store, settings)  # 32 keys x 16 dims: cheap
+    assert not app_mod._runs_inline(body, types.SimpleNamespace(query=store.query), settings)  # no estimate
+
+
+def test_searches_on_every_core_get_the_larger_inline_budget(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 32 keys x 16 dims = 512 multiply-adds: between the two limits, so the thread setting decides.
+    monkeypatch.setattr(app_mod, "INLINE_MAX_WORK", 100)
+    monkeypatch.setattr(app_mod, "INLINE_ALL_CORES_MAX_WORK", 1000)
+    monkeypatch.setattr(app_mod.os, "cpu_count", lambda: 4)
+    body = SearchRequest.model_validate({"genes": ["G3"], "k": 1})
+    assert app_mod._runs_inline(body, store, Settings())  # libraries' default: every core
+    assert app_mod._runs_inline(body, store, Settings(search_threads=4))
+    assert not app_mod._runs_inline(body, store, Settings(search_threads=2))  # searches overlap in the pool
 
 
 def test_search_exclude_self_cell_type(client: TestClient) -> None:

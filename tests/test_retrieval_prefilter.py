@@ -215,3 +215,11 @@ def test_each_search_scores_its_own_query() -> None:
     for view, row in ((a, 0), (b, 1)):
         approx, ids = view.shortlist(5)
         assert (np.abs(approx - exact[row, ids]) <= view.key_bound(ids)).all()
+
+
+def test_search_work_counts_the_prefilter_at_half_the_exact_scan() -> None:
+    rng = np.random.default_rng(10)
+    keys = _unit(rng, 1000, 16)
+    pre, plain = _pair(keys, ["A"] * 1000)
+    assert pre.search_work(1) == plain.search_work(1) / 2 == 1000 * 16 / 2
+    assert pre.search_work(8) == plain.search_work(8)  # eight queries: the BLAS matmul, no prefilter
