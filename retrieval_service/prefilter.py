@@ -118,7 +118,8 @@ class PrefilterQuery:
     def __init__(self, pre: Int8Prefilter, q: np.ndarray) -> None:
         self.pre, self.q = pre, q
         self.norm = float(np.linalg.norm(q))
-        self.scores, self.error = pre._scan.score_all(q)  # (N,) float32 or None; query-side error (float)
+        # (N,) float32 or None; the query-side error per unit of code norm; float32 rounding of the scores
+        self.scores, self.error, self.slack = pre._scan.score_all(q)
 
     def shortlist(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         """``(r,)`` approximate scores and ids of the ``r`` best keys, best first."""
@@ -134,13 +135,14 @@ class PrefilterQuery:
     def key_bound(self, ids: np.ndarray) -> np.ndarray:
         """Bound on ``|q·x - approx|`` for the keys ``ids``."""
         pre = self.pre
-        return self.norm * (pre.residual[ids] + pre._rounding) + self.error * pre._scan.code_norm(ids)
+        return self.norm * (pre.residual[ids] + pre._rounding) + self.error * pre._scan.code_norm(ids) + self.slack
 
     def outside_bound(self, last_approx: float) -> float:
         """Bound on the exact score of any key outside a shortlist whose worst approximate score is
         ``last_approx``."""
         pre = self.pre
-        return last_approx + self.norm * (pre.max_residual + pre._rounding) + self.error * pre._scan.max_code_norm
+        bound = self.norm * (pre.max_residual + pre._rounding) + self.error * pre._scan.max_code_norm + self.slack
+        return last_approx + bound
 
 
 class _BackendUnavailable(RuntimeError):
@@ -182,7 +184,8 @@ class _OneDNNScan:
             x = np.asarray(keys[start : start + block], dtype=np.float64)
             lo = x.min(axis=0) if start == 0 else np.minimum(lo, x.min(axis=0))
             hi = x.max(axis=0) if start == 0 else np.maximum(hi, x.max(axis=0))
-        self.step = np.where(hi > lo, (hi - lo) / 255.0, 1.0)  # (d,) D
+        # A constant dimension gets a step far below its value, so that its offset stays the value itself.
+        self.step = np.where(hi > lo, (hi - lo) / 255.0, np.maximum(np.abs(lo), 1e-30) * 2.0**-20)  # (d,) D
         self.offset = lo + 128.0 * self.step  # (d,) b: code 0 is the middle of the range
         codes = np.empty((n, d), np.int8)
         self.norm = np.empty(n, np.float32)  # (N,) ||c||
@@ -220,16 +223,21 @@ class _OneDNNScan:
         rows = np.stack([u1, u2]) + (self._LEVELS + 1)
         return rows.astype(np.uint8), float(h), left
 
-    def score_all(self, q: np.ndarray) -> tuple[np.ndarray, float]:
-        """``(N,)`` float32 approximate scores of one query ``(d,)``, and its query-side error."""
+    def score_all(self, q: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """``(N,)`` float32 approximate scores of one query ``(d,)``, its query-side error per unit of code norm,
+        and a bound on the float32 rounding of the scores: ``q·b`` and the products can be large and cancel (a
+        range far from zero), so their own size, not the score's, sets it."""
         rows, h, left = self._rows(q)
         torch = self._torch
         with torch.inference_mode():
             out = self._qlinear(torch.from_numpy(rows), h, self._LEVELS + 1, self._packed, self._w_scale, self._w_zp,
                                 None, 1.0, 0, torch.float32, "none", [], "")  # fmt: skip
         out = out.numpy()
-        base = np.float32(q.astype(np.float64) @ self.offset)
-        return base + out[0] + out[1] / np.float32(self._MAGNIFY), left * (1 + 1e-6)
+        qb = float(q.astype(np.float64) @ self.offset)
+        scores = np.float32(qb) + out[0] + out[1] / np.float32(self._MAGNIFY)
+        # |o1| <= h 63 ||c||_1 <= h 63 sqrt(d) max||c||, o2 likewise; five float32 roundings of at most that size
+        size = abs(qb) + 2 * h * self._LEVELS * math.sqrt(self.step.size) * self.max_code_norm + 1e-30
+        return scores, left * (1 + 1e-6), 8 * 2.0**-24 * size
 
     def code_norm(self, ids: np.ndarray) -> np.ndarray:
         return self.norm[ids]
@@ -294,8 +302,8 @@ class _FaissScan:
             for p in parts:
                 self.index.add_shard(p)
 
-    def score_all(self, q: np.ndarray) -> tuple[None, float]:  # FAISS scans per shortlist; q used as given
-        return None, 0.0
+    def score_all(self, q: np.ndarray) -> tuple[None, float, float]:  # FAISS scans per shortlist; q as given
+        return None, 0.0, 0.0
 
     def code_norm(self, ids: np.ndarray) -> np.ndarray:
         return np.zeros(len(ids), np.float32)

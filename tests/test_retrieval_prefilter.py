@@ -223,3 +223,21 @@ def test_search_work_counts_the_prefilter_at_half_the_exact_scan() -> None:
     pre, plain = _pair(keys, ["A"] * 1000)
     assert pre.search_work(1) == plain.search_work(1) / 2 == 1000 * 16 / 2
     assert pre.search_work(8) == plain.search_work(8)  # eight queries: the BLAS matmul, no prefilter
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("n", "d", "shift"), [(1, 1, 0.0), (7, 3, 0.0), (400, 24, 50.0), (400, 24, -3.0)])
+def test_bound_holds_for_tiny_constant_and_offset_keys(backend: str, n: int, d: int, shift: float) -> None:
+    # Found: one key of one dimension broke the bound (a constant dimension got a unit step, its offset was 128
+    # and float32 cancellation exceeded the slack); keys far from zero stress the same cancellation.
+    rng = np.random.default_rng(n + d)
+    keys = (rng.standard_normal((n, d)) + shift).astype(np.float32)
+    keys[:, 0] = 2.5  # a constant dimension
+    pre = Int8Prefilter(keys, shards=1, backend=backend)
+    for i, q in enumerate(rng.standard_normal((3, d)).astype(np.float32)):
+        exact = q.astype(np.float64) @ keys.T.astype(np.float64)
+        approx, ids = pre.shortlist(q[None], max(1, n // 2))
+        assert (np.abs(approx[0] - exact[ids[0]]) <= pre.key_bound(q, ids[0])).all(), i
+        outside = np.setdiff1d(np.arange(n), ids[0])
+        if outside.size:
+            assert exact[outside].max() <= pre.outside_bound(q, approx[0, -1])
