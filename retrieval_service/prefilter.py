@@ -96,21 +96,6 @@ class Int8Prefilter:
         """One query ``(d,)``: its shortlists and bounds (the oneDNN backend scores every key once, here)."""
         return PrefilterQuery(self, np.ascontiguousarray(q, dtype=np.float32))
 
-    def shortlist(self, q: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(n, r)`` approximate scores ``q·x̂`` and ids of the ``r`` best keys per query, best first."""
-        r = min(r, self.ntotal)
-        parts = [self.query(row).shortlist(r) for row in np.atleast_2d(q)]
-        return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
-
-    def key_bound(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Bound on ``|q·x - approx|`` for the keys ``ids`` and one query ``q`` ``(d,)``."""
-        return self.query(q).key_bound(ids)
-
-    def outside_bound(self, q: np.ndarray, last_approx: float) -> float:
-        """Bound on the exact score, for one query ``q`` ``(d,)``, of any key outside a shortlist whose worst
-        approximate score is ``last_approx``."""
-        return self.query(q).outside_bound(last_approx)
-
 
 class PrefilterQuery:
     """A query against an :class:`Int8Prefilter`: shortlists of any size and the bounds that certify them."""
@@ -123,14 +108,7 @@ class PrefilterQuery:
 
     def shortlist(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         """``(r,)`` approximate scores and ids of the ``r`` best keys, best first."""
-        r = min(r, self.pre.ntotal)
-        if self.scores is None:
-            approx, ids = self.pre._scan.index.search(self.q[None], r)
-            return approx[0], ids[0]
-        s = self.scores
-        top = np.argpartition(s, s.size - r)[s.size - r :] if r < s.size else np.arange(s.size)
-        order = np.lexsort((top, -s[top]))  # best first, ties by id
-        return s[top[order]], top[order]
+        return self.pre._scan.shortlist(self.q, self.scores, min(r, self.pre.ntotal))
 
     def key_bound(self, ids: np.ndarray) -> np.ndarray:
         """Bound on ``|q·x - approx|`` for the keys ``ids``."""
@@ -239,6 +217,12 @@ class _OneDNNScan:
         size = abs(qb) + 2 * h * self._LEVELS * math.sqrt(self.step.size) * self.max_code_norm + 1e-30
         return scores, left * (1 + 1e-6), 8 * 2.0**-24 * size
 
+    def shortlist(self, q: np.ndarray, scores: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``r`` best of a query's :meth:`score_all` scores, best first, ties by id (``q`` is not rescanned)."""
+        top = np.argpartition(scores, scores.size - r)[scores.size - r :] if r < scores.size else np.arange(r)
+        order = np.lexsort((top, -scores[top]))
+        return scores[top[order]], top[order]
+
     def code_norm(self, ids: np.ndarray) -> np.ndarray:
         return self.norm[ids]
 
@@ -304,6 +288,10 @@ class _FaissScan:
 
     def score_all(self, q: np.ndarray) -> tuple[None, float, float]:  # FAISS scans per shortlist; q as given
         return None, 0.0, 0.0
+
+    def shortlist(self, q: np.ndarray, scores: None, r: int) -> tuple[np.ndarray, np.ndarray]:
+        approx, ids = self.index.search(q[None], r)
+        return approx[0], ids[0]
 
     def code_norm(self, ids: np.ndarray) -> np.ndarray:
         return np.zeros(len(ids), np.float32)

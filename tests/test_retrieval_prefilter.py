@@ -33,17 +33,18 @@ def test_outside_bound_holds_for_every_key_left_out(backend: str, seed: int, r: 
     q = (_unit(rng, 3, 48) * scale).astype(np.float32)
     pre = Int8Prefilter(keys, shards=shards, backend=backend)
     assert pre.backend == backend
-    approx, ids = pre.shortlist(q, r)
     exact = q.astype(np.float64) @ keys.astype(np.float64).T  # (3, N)
     for i in range(3):
-        assert len(set(ids[i].tolist())) == r and (ids[i] >= 0).all()  # global ids across shards
-        outside = np.setdiff1d(np.arange(2000), ids[i])
-        bound = pre.outside_bound(q[i], approx[i, -1])
+        view = pre.query(q[i])
+        approx, ids = view.shortlist(r)
+        assert len(set(ids.tolist())) == r and (ids >= 0).all()  # global ids across shards
+        outside = np.setdiff1d(np.arange(2000), ids)
+        bound = view.outside_bound(approx[-1])
         assert exact[i, outside].max() <= bound
         # and each approximate score is within its key's bound of the true one
-        err = np.abs(exact[i, ids[i]] - approx[i])
-        assert (err <= pre.key_bound(q[i], ids[i])).all()
-        assert (np.diff(approx[i]) <= 0).all()  # best first
+        err = np.abs(exact[i, ids] - approx)
+        assert (err <= view.key_bound(ids)).all()
+        assert (np.diff(approx) <= 0).all()  # best first
 
 
 def test_residuals_are_measured_not_assumed() -> None:
@@ -236,8 +237,9 @@ def test_bound_holds_for_tiny_constant_and_offset_keys(backend: str, n: int, d: 
     pre = Int8Prefilter(keys, shards=1, backend=backend)
     for i, q in enumerate(rng.standard_normal((3, d)).astype(np.float32)):
         exact = q.astype(np.float64) @ keys.T.astype(np.float64)
-        approx, ids = pre.shortlist(q[None], max(1, n // 2))
-        assert (np.abs(approx[0] - exact[ids[0]]) <= pre.key_bound(q, ids[0])).all(), i
-        outside = np.setdiff1d(np.arange(n), ids[0])
+        view = pre.query(q)
+        approx, ids = view.shortlist(max(1, n // 2))
+        assert (np.abs(approx - exact[ids]) <= view.key_bound(ids)).all(), i
+        outside = np.setdiff1d(np.arange(n), ids)
         if outside.size:
-            assert exact[outside].max() <= pre.outside_bound(q, approx[0, -1])
+            assert exact[outside].max() <= view.outside_bound(approx[-1])
