@@ -207,13 +207,15 @@ class _OneDNNScan:
         range far from zero), so their own size, not the score's, sets it."""
         rows, h, left = self._rows(q)
         torch = self._torch
+        # Scale 1: the integer sums come back as they are and h is applied here. oneDNN caches the primitive per
+        # scale, so a scale that changes with every query rebuilt it on every call (+1.1 ms of 2.5 at 20k keys).
         with torch.inference_mode():
-            out = self._qlinear(torch.from_numpy(rows), h, self._LEVELS + 1, self._packed, self._w_scale, self._w_zp,
-                                None, 1.0, 0, torch.float32, "none", [], "")  # fmt: skip
+            out = self._qlinear(torch.from_numpy(rows), 1.0, self._LEVELS + 1, self._packed, self._w_scale,
+                                self._w_zp, None, 1.0, 0, torch.float32, "none", [], "")  # fmt: skip
         out = out.numpy()
         qb = float(q.astype(np.float64) @ self.offset)
-        scores = np.float32(qb) + out[0] + out[1] / np.float32(self._MAGNIFY)
-        # |o1| <= h 63 ||c||_1 <= h 63 sqrt(d) max||c||, o2 likewise; five float32 roundings of at most that size
+        scores = np.float32(qb) + np.float32(h) * (out[0] + out[1] / np.float32(self._MAGNIFY))
+        # |h o1| <= h 63 ||c||_1 <= h 63 sqrt(d) max||c||, h o2 likewise; seven float32 roundings of at most that size
         size = abs(qb) + 2 * h * self._LEVELS * math.sqrt(self.step.size) * self.max_code_norm + 1e-30
         return scores, left * (1 + 1e-6), 8 * 2.0**-24 * size
 
