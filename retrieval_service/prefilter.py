@@ -148,7 +148,7 @@ class _OneDNNScan:
         try:
             import torch
 
-            qlinear = torch.ops.onednn.qlinear_pointwise
+            qlinear = torch.ops.onednn.qlinear_pointwise.default  # the overload itself: no resolution per call
             prepack = torch.ops.onednn.qlinear_prepack
         except (ImportError, AttributeError, RuntimeError) as err:
             msg = f"torch with oneDNN int8 operators is not installed ({err})"
