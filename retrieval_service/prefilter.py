@@ -39,8 +39,8 @@ class Int8Prefilter:
     ``backend="onednn"``: each key is rounded to int8 on per-dimension ranges (as FAISS ``QT_8bit``: a few large
     dimensions, as in GenePT ada-002 vectors, do not make one coarse step for all); the query is split into two
     7-bit rows (the query and its rounding error, magnified), and torch's oneDNN int8 matmul (VNNI where the
-    processor has it) scores both rows in one pass over the codes: 1.5-1.7x faster than FAISS' 8-bit scan on the
-    2-core machine (20k x 1536, two threads: 1.6-1.9 vs 2.6-3.0 ms). Integer accumulation is exact; 7-bit rows keep
+    processor has it) scores both rows in one pass over the codes: on the 2-core machine (20k x 1536, two threads)
+    1.4-1.6 ms, where FAISS' 8-bit scan took 2.6-3.0 ms. Integer accumulation is exact; 7-bit rows keep
     even the non-VNNI instruction path (``vpmaddubsw``) from saturating; the backend checks itself against a
     float64 product when built.
     ``backend="faiss"``: FAISS ``IndexScalarQuantizer`` codes, in ``shards`` indexes searched on parallel threads;
@@ -135,7 +135,8 @@ class _OneDNNScan:
     integers with one scale ``h``: ``u1 = round(q' / h)`` and ``u2 = round(M (q' - h u1) / h)``, ``M = 126``, so that
     ``q' ~ h u1 + h u2 / M`` to within ``h / (2M)`` per dimension; the matmul returns both rows' products with every
     code in one pass, exactly in integers. The approximate score's error against ``q·x̂`` is at most ``||q' - h u1 -
-    h u2 / M|| * ||c||`` (Cauchy-Schwarz), computed per query (:meth:`query_error`) and per key (:meth:`code_norm`).
+    h u2 / M|| * ||c||`` (Cauchy-Schwarz), computed per query (returned by :meth:`score_all`) and per key
+    (:meth:`code_norm`).
     """
 
     name = "onednn"
@@ -194,7 +195,7 @@ class _OneDNNScan:
         """``(2, d)`` uint8 rows, their scale ``h``, and ``||q' - h u1 - h u2 / M||`` (float64)."""
         qs = q.astype(np.float64) * self.step
         peak = float(np.abs(qs).max(initial=0.0))
-        h = np.float32(peak / self._LEVELS if peak > 0 else 1.0)  # float32: what the matmul multiplies by
+        h = np.float32(peak / self._LEVELS if peak > 0 else 1.0)  # float32: what score_all multiplies by
         u1 = np.clip(np.rint(qs / h), -self._LEVELS, self._LEVELS)
         u2 = np.clip(np.rint(self._MAGNIFY * (qs - h * u1) / h), -self._LEVELS, self._LEVELS)
         left = float(np.linalg.norm(qs - float(h) * u1 - float(h) * u2 / self._MAGNIFY))
