@@ -33,6 +33,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import re
 import secrets
 import sys
@@ -55,6 +56,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.affinity import claim_core
 from api.batching import MicroBatcher
 from api.schemas import (
     ControlCells,
@@ -106,6 +108,11 @@ class Settings(BaseSettings):
         "leaves the other cores to request handling while the model runs.",
     )
     load_in_background: bool = Field(default=True, description="Serve /healthz while the model loads; else fail fast.")
+    pin_cores: bool = Field(
+        default=False,
+        description="Pin this worker's threads to one core no sibling worker holds (see api.affinity); for one "
+        "worker per core (ptrag serve --workers N turns it on when N <= cores).",
+    )
 
 
 @lru_cache
@@ -194,8 +201,9 @@ class Service:
             ),
         }
 
-    def info(self) -> Info:
-        return Info(**self.static_info, batcher=dict(self.batcher.stats))
+    def info(self, cpu_core: int | None = None) -> Info:
+        worker = {"pid": os.getpid(), "cpu_core": cpu_core}
+        return Info(**self.static_info, batcher=dict(self.batcher.stats), worker=worker)
 
     def _limit_threads(self) -> None:
         """On the model thread (OpenMP's thread count is per calling thread; torch's and BLAS's are global)."""
@@ -287,6 +295,10 @@ def _load(app: FastAPI, settings: Settings) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings = app.state.fixed_settings or load_settings()
     app.state.service, app.state.load_error, app.state.closing = None, None, False
+    # Before the model loads: the threads it starts (batcher, torch's) inherit the pinning.
+    claim = app.state.core_claim = claim_core(str(os.getppid())) if settings.pin_cores else None
+    if claim is not None:
+        logger.info("worker %d pinned to core %d", os.getpid(), claim.core)
     task = None
     if settings.checkpoint is None:
         app.state.load_error = "no checkpoint configured: set PTRAG_CHECKPOINT"
@@ -304,6 +316,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service, app.state.service = app.state.service, None
         if service is not None:
             service.close()
+        if claim is not None:
+            claim.release()
 
 
 # --- endpoints ---------------------------------------------------------------------------------------------
@@ -339,9 +353,11 @@ async def readyz(request: Request) -> Any:
 
 
 @router.get("/info", tags=["model"], responses=_ERRORS, dependencies=[Depends(require_api_key)])
-async def info(service: ServiceDep) -> Info:
-    """The served model: variant, cell types, genes (the column order of every array), split, limits."""
-    return service.info()
+async def info(service: ServiceDep, request: Request) -> Info:
+    """The served model: variant, cell types, genes (the column order of every array), split, limits; and the
+    worker process that answered."""
+    claim = getattr(request.app.state, "core_claim", None)
+    return service.info(cpu_core=None if claim is None else claim.core)
 
 
 @router.post(

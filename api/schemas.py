@@ -140,6 +140,9 @@ class Info(BaseModel):
     device: str
     limits: Limits
     batcher: dict[str, int] = Field(description="Micro-batcher counters since start (calls, items, multi_request).")
+    worker: dict[str, int | None] = Field(
+        default_factory=dict, description="The process answering: pid, and cpu_core it is pinned to (null: not pinned)."
+    )
 
 
 class Health(BaseModel):

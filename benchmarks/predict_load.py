@@ -281,6 +281,13 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
 
 
+def pins_cores(mode: str, workers: int) -> bool:
+    """Whether a server of ``workers`` pins each to a core, as ``ptrag serve --pin-cores mode`` decides."""
+    from api.affinity import available_cores
+
+    return mode == "on" or (mode == "auto" and 1 < workers <= len(available_cores()))
+
+
 def serve_and_load(args, checkpoint: Path, workers: int, threads: int, log: Path) -> tuple[dict, str, str, list]:
     """One server (``workers`` uvicorn processes, PTRAG_MODEL_THREADS=threads, 0: the libraries' default): every
     client count in turn."""
@@ -288,6 +295,7 @@ def serve_and_load(args, checkpoint: Path, workers: int, threads: int, log: Path
            "PTRAG_BATCH_WAIT_MS": str(args.batch_wait_ms), "PTRAG_DEVICE": args.device}  # fmt: skip
     if threads:
         env["PTRAG_MODEL_THREADS"] = str(threads)
+    env["PTRAG_PIN_CORES"] = str(int(pins_cores(args.pin_cores, workers)))
     server = Server(env, log, workers=workers)
     results = []
     try:
@@ -340,6 +348,8 @@ def main() -> None:
         default="stdlib",
         help="load generator: stdlib http.client (lean: it shares the cores with the server), or httpx",
     )
+    ap.add_argument("--pin-cores", choices=["auto", "on", "off"], default="auto",
+                    help="PTRAG_PIN_CORES, as `ptrag serve --pin-cores` sets it")  # fmt: skip
     ap.add_argument("--batch-wait-ms", type=float, default=2.0)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="the server's PTRAG_DEVICE")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every client count per server")
@@ -365,6 +375,10 @@ def main() -> None:
 
 
 def write_report(args, command, info, cell_type, gene, results, rows, note, before, after) -> None:
+    pinning = ", ".join(
+        f"{w} worker(s) {'pinned, one core each' if pins_cores(args.pin_cores, w) else 'not pinned'}"
+        for w in args.workers
+    )
     lines = [
         "# POST /predict under load",
         "",
@@ -375,7 +389,8 @@ def write_report(args, command, info, cell_type, gene, results, rows, note, befo
         f"{info['retrieval']}; checkpoint step {info['checkpoint_step']}.",
         f"Server: `uvicorn api.app:app --workers N` in its own process(es), PTRAG_BATCH_WAIT_MS={args.batch_wait_ms}, "
         f"PTRAG_BATCH_MAX_ITEMS={info['limits']['batch_max_items']}; workers and PTRAG_MODEL_THREADS as in the table "
-        f"(each worker loads the model and runs its own micro-batcher); model on `{info['device']}`.",
+        f"(each worker loads the model and runs its own micro-batcher); model on `{info['device']}`; "
+        f"`--pin-cores {args.pin_cores}`: {pinning} (api/affinity.py).",
         f"Requests: `{cell_type}`, one perturbation (`{gene}`), 64 control cells, JSON response (delta, profile, top "
         f"genes, 32 candidates), a different seed per request; {args.requests} requests per client, back to back; "
         f"{args.rounds} rounds of every client count per server (ratios compare phases of the same round).",

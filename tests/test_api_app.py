@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -137,6 +138,7 @@ def test_healthz_readyz_and_info(client, model, predictor) -> None:
     body = r.json()
     stats = body.pop("batcher")
     assert set(stats) == {"calls", "items", "jobs", "multi_job_calls", "largest_call"}
+    assert body.pop("worker") == {"pid": os.getpid(), "cpu_core": None}  # not pinned unless asked
     from model.train import load_checkpoint
 
     state = load_checkpoint(model.checkpoint)["train_state"]

@@ -13,6 +13,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from test_api_app import SEEN, ZERO_SHOT, serve, settings_for, trained
 
+from api import affinity
 from api.app import Settings, create_app
 from api.cli import main
 from retrieval_service.app import Settings as RetrievalSettings
@@ -128,10 +129,11 @@ def test_ptrag_serve_workers_hand_the_flags_to_every_process(model, monkeypatch)
 
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
-    for name in ("PTRAG_CHECKPOINT", "PTRAG_INDEX_DIR", "PTRAG_DEVICE", "PTRAG_MODEL_THREADS"):
+    for name in ("PTRAG_CHECKPOINT", "PTRAG_INDEX_DIR", "PTRAG_DEVICE", "PTRAG_MODEL_THREADS", "PTRAG_PIN_CORES"):
         monkeypatch.setenv(name, "placeholder")  # restored after the test: serve writes these
         monkeypatch.delenv(name)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(affinity, "available_cores", lambda: list(range(8)))
     argv = ["serve", "--checkpoint", str(model.checkpoint), "--index", str(model.run / "index"), "--workers", "2",
             "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
@@ -141,4 +143,10 @@ def test_ptrag_serve_workers_hand_the_flags_to_every_process(model, monkeypatch)
     assert os.environ["PTRAG_MODEL_THREADS"] == "4"  # 8 cores / 2 workers
     worker = Settings()  # what each worker process reads back
     assert (worker.checkpoint, worker.index_dir, worker.model_threads) == (model.checkpoint, model.run / "index", 4)
+    assert worker.pin_cores is True  # auto: 2 workers on 8 cores, a core each
+    monkeypatch.delenv("PTRAG_PIN_CORES")
+    assert main([*argv, "--pin-cores", "off"]) == 0 and Settings().pin_cores is False
+    monkeypatch.setattr(affinity, "available_cores", lambda: [3])  # more workers than cores: auto leaves it off
+    assert main(argv) == 0 and Settings().pin_cores is False
+    assert main([*argv, "--pin-cores", "on"]) == 0 and Settings().pin_cores is True
     assert main(["serve", "--checkpoint", str(model.checkpoint), "--workers", "0"]) == 2
