@@ -6,8 +6,9 @@ thread take turns on one core and keep it warm. Measured on 2 cores, 2 workers, 
 of runs on one server, pinned with ``taskset``): 262 vs 232 requests/s (medians), pinned ahead in every pair.
 
 How a worker finds its core without knowing its index: one lock file per core in a directory named for the
-group (the parent process, i.e. the uvicorn master), ``flock``-ed by the worker that holds it. The kernel drops
-the lock when the process dies, so a restarted worker takes over its predecessor's core.
+group (the app uses one group per machine, so that two servers' workers take different cores), ``flock``-ed by
+the worker that holds it. The kernel drops the lock when the process dies, so a restarted worker takes over its
+predecessor's core. Containers have their own ``/tmp``: pin there only with a CPU set of the container's own.
 """
 
 from __future__ import annotations

@@ -296,7 +296,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings = app.state.fixed_settings or load_settings()
     app.state.service, app.state.load_error, app.state.closing = None, None, False
     # Before the model loads: the threads it starts (batcher, torch's) inherit the pinning.
-    claim = app.state.core_claim = claim_core(str(os.getppid())) if settings.pin_cores else None
+    # One claim space per machine (not per server): two servers' workers then take different cores.
+    claim = app.state.core_claim = claim_core("workers") if settings.pin_cores else None
     if claim is not None:
         logger.info("worker %d pinned to core %d", os.getpid(), claim.core)
     task = None

@@ -28,7 +28,7 @@ def test_claims_are_exclusive_per_group_and_released(tmp_path: Path) -> None:
     claims = [claim_core("g", lock_dir=tmp_path, pin=False) for _ in CORES]
     assert sorted(c.core for c in claims) == CORES  # each core once
     assert claim_core("g", lock_dir=tmp_path, pin=False) is None  # all taken
-    other = claim_core("other-group", lock_dir=tmp_path, pin=False)  # another server's workers do not collide
+    other = claim_core("other-group", lock_dir=tmp_path, pin=False)  # groups are independent claim spaces
     assert other is not None and other.core == CORES[0]
     claims[-1].release()
     again = claim_core("g", lock_dir=tmp_path, pin=False)
@@ -85,6 +85,7 @@ def test_app_claims_a_core_when_asked_and_reports_it(tmp_path_factory, tmp_path:
     with TestClient(create_app(settings_for(model, pin_cores=True))) as c:
         worker = c.get("/info").json()["worker"]
         assert worker["cpu_core"] == CORES[0]
+        assert calls == ["workers"]  # one claim space per machine
         held = claim_core(calls[0], lock_dir=tmp_path, pin=False)  # the app holds CORES[0] while it runs
         assert held is None or held.core != CORES[0]
         if held is not None:
