@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CoreClaim", "available_cores", "claim_core", "pin_threads"]
+__all__ = ["CoreClaim", "available_cores", "claim_core", "pin_threads", "pins_workers"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,12 @@ def available_cores() -> list[int]:
     if not hasattr(os, "sched_getaffinity"):
         return []
     return sorted(os.sched_getaffinity(0))
+
+
+def pins_workers(mode: str, workers: int) -> bool:
+    """Whether ``workers`` serving processes each get a core (``ptrag serve --pin-cores mode``): ``on``, or
+    ``auto`` with 2+ workers and no more workers than :func:`available_cores`; ``off`` never."""
+    return mode == "on" or (mode == "auto" and 1 < workers <= len(available_cores()))
 
 
 def pin_threads(cores: set[int]) -> None:

@@ -579,7 +579,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from api.affinity import available_cores
+    from api.affinity import pins_workers
     from api.app import Settings, create_app
 
     if not Path(args.checkpoint).is_file():
@@ -603,7 +603,7 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ[f"PTRAG_{name.upper()}"] = str(value)
     if "PTRAG_MODEL_THREADS" not in os.environ:  # workers x threads = cores: no oversubscription
         os.environ["PTRAG_MODEL_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
-    if args.pin_cores == "on" or (args.pin_cores == "auto" and args.workers <= len(available_cores())):
+    if pins_workers(args.pin_cores, args.workers):
         os.environ["PTRAG_PIN_CORES"] = "1"
     uvicorn.run("api.app:app", workers=args.workers, **common)
     return 0

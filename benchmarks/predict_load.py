@@ -281,13 +281,6 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
 
 
-def pins_cores(mode: str, workers: int) -> bool:
-    """Whether a server of ``workers`` pins each to a core, as ``ptrag serve --pin-cores mode`` decides."""
-    from api.affinity import available_cores
-
-    return mode == "on" or (mode == "auto" and 1 < workers <= len(available_cores()))
-
-
 def serve_and_load(args, checkpoint: Path, workers: int, threads: int, log: Path) -> tuple[dict, str, str, list]:
     """One server (``workers`` uvicorn processes, PTRAG_MODEL_THREADS=threads, 0: the libraries' default): every
     client count in turn."""
@@ -295,7 +288,9 @@ def serve_and_load(args, checkpoint: Path, workers: int, threads: int, log: Path
            "PTRAG_BATCH_WAIT_MS": str(args.batch_wait_ms), "PTRAG_DEVICE": args.device}  # fmt: skip
     if threads:
         env["PTRAG_MODEL_THREADS"] = str(threads)
-    env["PTRAG_PIN_CORES"] = str(int(pins_cores(args.pin_cores, workers)))
+    from api.affinity import pins_workers  # as `ptrag serve --pin-cores` decides
+
+    env["PTRAG_PIN_CORES"] = str(int(pins_workers(args.pin_cores, workers)))
     server = Server(env, log, workers=workers)
     results = []
     try:
@@ -375,8 +370,10 @@ def main() -> None:
 
 
 def write_report(args, command, info, cell_type, gene, results, rows, note, before, after) -> None:
+    from api.affinity import pins_workers
+
     pinning = ", ".join(
-        f"{w} worker(s) {'pinned, one core each' if pins_cores(args.pin_cores, w) else 'not pinned'}"
+        f"{w} worker(s) {'pinned, one core each' if pins_workers(args.pin_cores, w) else 'not pinned'}"
         for w in args.workers
     )
     lines = [
