@@ -57,6 +57,7 @@ OURS_FILTERED = "RetrievalIndex.search, filtered"
 FAISS_RAW = "faiss IndexFlatIP.search"
 NUMPY = "numpy matmul+argpartition"
 TORCH = "torch matmul+topk"
+SPIN_PAUSE_S = 0.15  # longer than idle BLAS/OpenMP threads spin after a call (see measure)
 
 
 def unit_keys(n: int, d: int, rng: np.random.Generator, *, chunk: int = 25_000) -> np.ndarray:
@@ -92,24 +93,30 @@ def measure(
 ) -> dict[str, list[float]]:
     """Seconds per call of each function.
 
-    Each pass runs every function ``block + 1`` times in a row and drops the first call: a method's thread
-    pool (OpenBLAS, OpenMP) is warm for its own calls instead of fighting the last method's spinning threads.
+    Each pass runs every function ``block + 1`` times in a row and drops the first call, after a pause of
+    ``SPIN_PAUSE_S``: a method's thread pool is warm for its own calls, and the last method's idle threads have
+    stopped spinning. Measured here: after one 256 x 2000 x 1536 product, numpy's OpenBLAS threads burn ~100 ms of
+    CPU spinning (torch's OpenMP threads ~7 ms); without the pause they ran beside the next method's first ~10
+    calls, made the torch bound look 1.7x slower than it is, and hid that torch's product was the faster one.
     Passes alternate between methods, so load from other processes hits every method alike; they repeat until
-    both ``min_passes`` and ``min_time`` seconds (or ``max_passes``) are reached. Functions named in ``once``
+    both ``min_passes`` and ``min_time`` seconds of calls (pauses not counted; or ``max_passes``) are reached.
+    Functions named in ``once``
     run in the first pass only (slow references whose spread does not matter).
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
+    busy = 0.0
     for rep in range(max_passes):
         for name, f in fns.items():
             if rep and name in once:
                 continue
+            time.sleep(SPIN_PAUSE_S)
             for i in range(block + 1):
                 t0 = time.perf_counter()
                 f()
+                busy += time.perf_counter() - t0
                 if i:
                     times[name].append(time.perf_counter() - t0)
-        if rep + 1 >= min_passes and time.perf_counter() - start >= min_time:
+        if rep + 1 >= min_passes and busy >= min_time:
             break
     return times
 
@@ -506,13 +513,16 @@ def notes() -> list[str]:
     return [
         "## Notes",
         "",
-        f"- `{OURS}` on a CPU `flat` index is a numpy BLAS matmul over the (memory-mapped) keys plus a two-stage",
-        "  top-k (strided-group maxima, then one small partial sort), not `IndexFlatIP.search`: the raw FAISS",
-        f"  flat search is the slow row above on this machine (faiss compile options: {options}).",
-        "  Without filters or exclusions, and when the scores fit one block, it takes a fast path (one matmul,",
-        "  one top-k, one small sort: no masks or block merging). The float32 path uses numpy's OpenBLAS (torch",
-        "  is only an optional accelerator of the prefilter below); where torch (MKL) is the better bound, the gap",
-        "  is its GEMM/GEMV, not the wrapper (compare with the numpy row, which runs the same BLAS call as ours).",
+        f"- `{OURS}` on a CPU `flat` index is a matrix product over the (memory-mapped) keys plus a top-k, not",
+        "  `IndexFlatIP.search`: the raw FAISS flat search is the slow row above on this machine (faiss compile",
+        f"  options: {options}). Two or more queries go through torch (MKL's sgemm, `torch.topk`), one query",
+        "  through numpy (OpenBLAS; a two-stage top-k for wide rows): `retrieval_service/scoring.py`. Without",
+        "  filters or exclusions, and when the scores fit one block, it takes a fast path (one matmul, one top-k,",
+        "  one small sort: no masks or block merging), so it is the torch bound plus ordering ties by id.",
+        "- Each block of calls starts after a 0.15 s pause: numpy's OpenBLAS threads spin ~100 ms after a call",
+        "  (torch's OpenMP threads ~7 ms). Without the pause (runs before 2026-11-24) the torch bound ran beside",
+        "  numpy's spinning threads and looked up to 1.7x slower than it is; ours, numpy-based then, looked within",
+        "  1.1x of the best bound by medians when it was 1.3x of torch.",
         "- On a 2-core machine shared with other jobs, a two-thread BLAS call waits until both of its threads get",
         "  a core: medians of small calls jump to scheduler ticks (4 ms) whenever another process runs, so compare",
         "  minima there, and read every table with the load lines above it.",
@@ -528,9 +538,6 @@ def notes() -> list[str]:
         "  stdlib row shows the round trip without a client library, the httpx rows what a client library adds.",
         "  `RetrievalClient` sends through httpx's interface on a `http.client` transport by default (plain http://",
         "  without a proxy): httpx's own transport (httpcore, h11) cost ~0.4 ms more client CPU per request.",
-        "- 2 to 32 queries (the predict service's micro-batches) are scored as `keys @ q.T`: OpenBLAS's kernels",
-        "  for a short left operand ran 1.4-2.2x slower (one thread, 1k-20k keys). The 1- and 256-query rows",
-        "  above are not affected.",
         "- The request path of `/search`: JSON bodies are parsed by pydantic-core instead of `json.loads` (0.1 vs",
         "  0.6 ms for 1536 floats); the client sends query vectors as base64 float32 (8 KB; printing 1536 floats",
         "  as JSON took ~1.5 ms on the client); settings are app state, not a dependency override (FastAPI",

@@ -2,10 +2,10 @@
 
 Keys are L2-normalised, so the inner product is the cosine similarity. Three index types:
 
-- ``"flat"`` (default): exact. On CPU the search is a blocked BLAS matrix product plus a partial sort in
-  numpy, because faiss-cpu's ``IndexFlatIP`` was 2-8x slower than that on the machine we measured
-  (``benchmarks/results/retrieval_bench.md``); the FAISS index is still written, and is the one searched
-  when a GPU is present (or with ``backend="faiss"``).
+- ``"flat"`` (default): exact. On CPU the search is a blocked matrix product plus a partial sort
+  (:mod:`retrieval_service.scoring`: torch for batches, numpy for one query), because faiss-cpu's
+  ``IndexFlatIP`` was 2-8x slower than that on the machine we measured (``benchmarks/results/retrieval_bench.md``);
+  the FAISS index is still written, and is the one searched when a GPU is present (or with ``backend="faiss"``).
 - ``"ivf"`` (``IndexIVFFlat``, ``nlist``/``nprobe``) and ``"hnsw"`` (``IndexHNSWFlat``, inner-product
   metric): approximate, for large corpora.
 
@@ -51,6 +51,7 @@ from retrieval_service.atomic import atomic_path
 from retrieval_service.embeddings import GeneEmbeddings
 from retrieval_service.manifest import INDEX_TYPES, canonical_label
 from retrieval_service.prefilter import PREFILTER_MIN_KEYS, Int8Prefilter
+from retrieval_service.scoring import score_matrix, topk
 
 __all__ = [
     "BACKENDS",
@@ -72,7 +73,6 @@ BACKENDS = ("auto", "numpy", "faiss")
 DEVICES = ("auto", "cpu", "gpu")
 GPU_MAX_K = 2048  # faiss GPU search refuses larger k
 SCORE_BLOCK_BYTES = 256 << 20  # one (n, block) float32 score matrix of the exact path
-_GROUP = 32  # columns per group in the two-stage top-k of wide score rows
 PREFILTER_MAX_QUERIES = 2  # from ~4 queries a BLAS matmul reads each key once for all: the float32 scan wins
 
 
@@ -282,46 +282,6 @@ def parse_label(label: str) -> tuple[str, ...]:
         msg = f"malformed perturbation label {label!r}: expected genes joined by '+', e.g. 'TP53' or 'A+B'"
         raise InvalidQueryError(msg)
     return genes
-
-
-def _scores(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """``q @ keys.T``: q (n, E), keys (b, E) -> (n, b) C-contiguous float32.
-
-    For 2 to 32 queries the product is taken the other way round, ``(keys @ q.T).T`` then a copy: OpenBLAS's
-    kernels for a short left operand ran 1.4-2.2x slower (one thread, 1k-20k keys of 1536-d; e.g. 8 queries x
-    1,168 keys 1.9 vs 0.9 ms), which is the serving micro-batcher's case. One query is a matrix-vector product
-    either way, and from ~64 queries the usual orientation is the faster one.
-    """
-    if 2 <= q.shape[0] <= 32:
-        return np.ascontiguousarray((keys @ q.T).T)
-    return q @ keys.T
-
-
-def _topk_unsorted(scores: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Column positions and values of the ``kk`` largest per row of ``(n, b)`` scores, in no order.
-
-    Wide rows take two stages, about 8x faster than one ``argpartition`` at 200k columns. The columns are
-    split into ``m`` groups ``{c, c+m, c+2m, ...}``; the ``kk`` groups with the largest maxima hold ``kk``
-    largest scores, because their ``kk`` maxima are distinct scores at least as large as anything in the other
-    groups. A max over such strided groups is an elementwise max of contiguous row slices (vectorised, unlike
-    a max over many short axes), and the final partial sort only sees ``kk * _GROUP`` candidates.
-    """
-    n, b = scores.shape
-    if b <= kk:
-        return np.broadcast_to(np.arange(b), (n, b)), scores
-    if b < 8 * kk * _GROUP:
-        pos = np.argpartition(scores, b - kk, axis=1)[:, b - kk :]
-        return pos, np.take_along_axis(scores, pos, axis=1)
-    m = b // _GROUP
-    group_max = scores[:, : m * _GROUP].reshape(n, _GROUP, m).max(axis=1)  # (n, m)
-    top = np.argpartition(group_max, m - kk, axis=1)[:, m - kk :]  # (n, kk) groups
-    cols = (top[:, :, None] + np.arange(_GROUP) * m).reshape(n, kk * _GROUP)
-    if m * _GROUP < b:  # the last b mod _GROUP columns are in no group: always candidates
-        rest = np.broadcast_to(np.arange(m * _GROUP, b), (n, b - m * _GROUP))
-        cols = np.concatenate([cols, rest], axis=1)
-    vals = np.take_along_axis(scores, cols, axis=1)
-    pos = np.argpartition(vals, vals.shape[1] - kk, axis=1)[:, vals.shape[1] - kk :]
-    return np.take_along_axis(cols, pos, axis=1), np.take_along_axis(vals, pos, axis=1)
 
 
 def _within(exact: np.ndarray, approx: np.ndarray, bound: np.ndarray) -> bool:
@@ -744,20 +704,7 @@ class RetrievalIndex:
         of a one-query search over a few thousand keys.
         """
         kk = min(k, self.ntotal)
-        scores = _scores(q, self.keys)  # (n, N) float32
-        if q.shape[0] == 1 and scores.shape[1] < 8 * kk * _GROUP:
-            # One query, a row too narrow for the two-stage top-k: 1-D calls, 20 us cheaper than the axis=1 forms.
-            row = scores[0]
-            cut = row.size - kk
-            pos = np.argpartition(row, cut)[cut:] if cut > 0 else np.arange(row.size)
-            vals = row[pos]
-            order = np.lexsort((pos, -vals))  # best first, equal scores in id order
-            vals, ids = vals[order][None], pos[order][None].astype(np.int64, copy=False)  # (1, kk)
-        else:
-            pos, vals = _topk_unsorted(scores, kk)  # (n, kk)
-            order = np.lexsort((pos, -vals), axis=1)  # best first, equal scores in id order
-            vals = np.take_along_axis(vals, order, axis=1)
-            ids = np.take_along_axis(pos, order, axis=1).astype(np.int64, copy=False)
+        ids, vals = topk(score_matrix(q, self.keys), kk)  # (n, kk) each, best first, ties in id order
         if kk < k:
             vals = np.pad(vals, ((0, 0), (0, k - kk)), constant_values=-np.inf)
             ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
@@ -797,19 +744,20 @@ class RetrievalIndex:
         for start in range(0, n_cand, block):
             stop = min(start + block, n_cand)
             keys = self.keys[start:stop] if cand is None else self.keys[cand[start:stop]]
-            scores = _scores(q, keys)  # (n, b) float32
+            scores = score_matrix(q, keys)  # (n, b) float32
             if masked is not None:
                 scores[:, masked[start:stop]] = -np.inf
             if ex_pos.size:
                 lo, hi = np.searchsorted(ex_pos, [start, stop])
                 scores[ex_rows[lo:hi], ex_pos[lo:hi] - start] = -np.inf
-            pos, vals = _topk_unsorted(scores, kk)
+            pos, vals = topk(scores, kk)  # best first, ties to the lower position
             if best_s is None:  # first (usually only) block
                 best_s, best_p = vals, pos + start
                 continue
+            # Earlier blocks first and each sorted, so among equal scores column order is position order.
             best_s = np.concatenate([best_s, vals], axis=1)
             best_p = np.concatenate([best_p, pos + start], axis=1)
-            pos, best_s = _topk_unsorted(best_s, kk)
+            pos, best_s = topk(best_s, kk)
             best_p = np.take_along_axis(best_p, pos, axis=1)
         if best_s is None:  # no candidate at all
             best_s, best_p = np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)

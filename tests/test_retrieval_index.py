@@ -7,8 +7,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from retrieval_service import scoring
 from retrieval_service.embeddings import GeneEmbeddings
-from retrieval_service.index import IndexSpec, InvalidQueryError, RetrievalIndex, UnknownGeneError, _scores
+from retrieval_service.index import IndexSpec, InvalidQueryError, RetrievalIndex, UnknownGeneError
 
 CELL_TYPES = ("A", "B", "C")
 
@@ -58,13 +59,18 @@ def _valid_mask(n, cell_types, allowed, excluded_ct, exclude_rows) -> np.ndarray
     return valid
 
 
+@pytest.mark.parametrize("with_torch", [True, False])
 @pytest.mark.parametrize("n_q", [1, 2, 8, 32, 33, 64])
-def test_scores_either_orientation_is_q_at_keys_t(n_q: int) -> None:
-    # Few queries take the product the other way round; the caller still gets a C-contiguous (n, b) matrix.
+def test_score_matrix_is_q_at_keys_t(n_q: int, with_torch: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Batches go through torch, or without it through numpy (few queries take the product the other way round);
+    # the caller gets a C-contiguous, writable (n, b) matrix either way, also from read-only (memory-mapped) keys.
+    if not with_torch:
+        monkeypatch.setattr(scoring, "_torch", lambda: None)
     rng = np.random.default_rng(n_q)
     q, keys = rng.standard_normal((n_q, 96), dtype=np.float32), rng.standard_normal((500, 96), dtype=np.float32)
-    got = _scores(q, keys)
-    assert got.shape == (n_q, 500) and got.dtype == np.float32 and got.flags["C_CONTIGUOUS"]
+    keys.flags.writeable = False
+    got = scoring.score_matrix(q, keys)
+    assert got.shape == (n_q, 500) and got.dtype == np.float32 and got.flags["C_CONTIGUOUS"] and got.flags.writeable
     np.testing.assert_allclose(got, q.astype(np.float64) @ keys.T.astype(np.float64), rtol=1e-5, atol=1e-4)
 
 
@@ -235,20 +241,70 @@ def test_ann_recall(spec: IndexSpec, min_recall: float) -> None:
     seed=st.integers(0, 2**32 - 1),
     levels=st.sampled_from([3, 50, 0]),
 )
-def test_two_stage_topk_matches_full_sort(n: int, b: int, kk: int, seed: int, levels: int) -> None:
-    # wide rows go through the strided-group two-stage path; few distinct levels make many ties, -inf masks too
-    from retrieval_service.index import _topk_unsorted
-
+def test_topk_matches_full_sort(n: int, b: int, kk: int, seed: int, levels: int) -> None:
+    # One row goes through numpy, several through torch.topk; numpy's own path is checked for every n too. Wide
+    # rows go through numpy's strided-group two-stage path; few distinct levels make many ties, -inf masks too.
     rng = np.random.default_rng(seed)
     scores = rng.integers(0, levels, (n, b)).astype(np.float32) if levels else rng.standard_normal((n, b), np.float32)
     scores[rng.random((n, b)) < 0.3] = -np.inf
     kk = min(kk, b)
-    pos, vals = _topk_unsorted(scores, kk)
-    assert pos.shape == vals.shape == (n, kk)
-    np.testing.assert_array_equal(np.take_along_axis(scores, pos, axis=1), vals)
+    for pos, vals in (scoring.topk_unsorted(scores, kk), scoring._topk_numpy(scores, kk)):
+        assert pos.shape == vals.shape == (n, kk) and pos.dtype == np.int64
+        np.testing.assert_array_equal(np.take_along_axis(scores, pos, axis=1), vals)
+        for i in range(n):
+            assert len(set(pos[i].tolist())) == kk
+            np.testing.assert_array_equal(np.sort(vals[i]), np.sort(scores[i])[b - kk :])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(1, 5),
+    b=st.integers(1, 6000),
+    kk=st.integers(1, 20),
+    seed=st.integers(0, 2**32 - 1),
+    levels=st.sampled_from([2, 3, 50, 0]),
+    with_torch=st.booleans(),
+)
+def test_topk_is_the_head_of_the_stable_sort(n: int, b: int, kk: int, seed: int, levels: int, with_torch: bool) -> None:
+    # Ties at the cut go to the lower columns: exactly the first kk of a stable sort by descending score, whatever
+    # the partial sort underneath (torch or numpy, one row or several) kept of a tie.
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, levels, (n, b)).astype(np.float32) if levels else rng.standard_normal((n, b), np.float32)
+    scores[rng.random((n, b)) < 0.3] = -np.inf
+    with pytest.MonkeyPatch.context() as mp:
+        if not with_torch:
+            mp.setattr(scoring, "_torch", lambda: None)
+        pos, vals = scoring.topk(scores, kk)
+    ref = np.argsort(-scores, axis=1, kind="stable")[:, : min(kk, b)]
+    np.testing.assert_array_equal(pos, ref)
+    np.testing.assert_array_equal(vals, np.take_along_axis(scores, ref, axis=1))
+    assert pos.dtype == np.int64
+    # each row alone gives what it gives in the batch
     for i in range(n):
-        assert len(set(pos[i].tolist())) == kk
-        np.testing.assert_array_equal(np.sort(vals[i]), np.sort(scores[i])[b - kk :])
+        np.testing.assert_array_equal(scoring.topk(scores[i : i + 1], kk)[0][0], pos[i])
+
+
+def test_duplicated_keys_give_the_same_ids_alone_and_in_a_batch() -> None:
+    # One gene perturbed in several cell types is one key stored several times: a tie at the k-th place must go to
+    # the lower ids whether the query comes alone (numpy) or in a batch (torch), on every exact path.
+    rng = np.random.default_rng(7)
+    base = _unit(rng, 40, 64)
+    keys = np.concatenate([base, base, base])  # entry i, i + 40, i + 80 share a key
+    n_keys = len(keys)
+    idx = RetrievalIndex(keys, cell_types=["A", "B", "C"] * 40, labels=[f"p{i}" for i in range(n_keys)])
+    q = _unit(rng, 9, 64)
+    for k in (1, 2, 4, 5, 7):
+        batched = idx.search(q, k)[1]
+        alone = np.concatenate([idx.search(q[i : i + 1], k)[1] for i in range(len(q))])
+        np.testing.assert_array_equal(batched, alone)
+        ref = np.argsort(-(q.astype(np.float64) @ base.T.astype(np.float64)), axis=1)  # (n, 40) best key first
+        # the best key's three entries come first, lowest id first
+        np.testing.assert_array_equal(batched[:, 0], ref[:, 0])
+        if k >= 3:
+            np.testing.assert_array_equal(batched[:, :3], ref[:, :1] + np.array([0, 40, 80]))
+        excl = idx.search(q, k, exclude=[{int(ref[i, 0])} for i in range(len(q))])[1]
+        excl_alone = np.concatenate([idx.search(q[i : i + 1], k, exclude=[{int(ref[i, 0])}])[1] for i in range(len(q))])
+        np.testing.assert_array_equal(excl, excl_alone)
 
 
 def test_padding_when_fewer_than_k() -> None:
