@@ -235,29 +235,6 @@ def test_ann_recall(spec: IndexSpec, min_recall: float) -> None:
 
 @settings(max_examples=80, deadline=None)
 @given(
-    n=st.integers(1, 4),
-    b=st.integers(1, 6000),
-    kk=st.integers(1, 20),
-    seed=st.integers(0, 2**32 - 1),
-    levels=st.sampled_from([3, 50, 0]),
-)
-def test_topk_matches_full_sort(n: int, b: int, kk: int, seed: int, levels: int) -> None:
-    # One row goes through numpy, several through torch.topk; numpy's own path is checked for every n too. Wide
-    # rows go through numpy's strided-group two-stage path; few distinct levels make many ties, -inf masks too.
-    rng = np.random.default_rng(seed)
-    scores = rng.integers(0, levels, (n, b)).astype(np.float32) if levels else rng.standard_normal((n, b), np.float32)
-    scores[rng.random((n, b)) < 0.3] = -np.inf
-    kk = min(kk, b)
-    for pos, vals in (scoring.topk_unsorted(scores, kk), scoring._topk_numpy(scores, kk)):
-        assert pos.shape == vals.shape == (n, kk) and pos.dtype == np.int64
-        np.testing.assert_array_equal(np.take_along_axis(scores, pos, axis=1), vals)
-        for i in range(n):
-            assert len(set(pos[i].tolist())) == kk
-            np.testing.assert_array_equal(np.sort(vals[i]), np.sort(scores[i])[b - kk :])
-
-
-@settings(max_examples=80, deadline=None)
-@given(
     n=st.integers(1, 5),
     b=st.integers(1, 6000),
     kk=st.integers(1, 20),
@@ -266,15 +243,24 @@ def test_topk_matches_full_sort(n: int, b: int, kk: int, seed: int, levels: int)
     with_torch=st.booleans(),
 )
 def test_topk_is_the_head_of_the_stable_sort(n: int, b: int, kk: int, seed: int, levels: int, with_torch: bool) -> None:
-    # Ties at the cut go to the lower columns: exactly the first kk of a stable sort by descending score, whatever
-    # the partial sort underneath (torch or numpy, one row or several) kept of a tie.
+    # topk_unsorted: some kk largest per row (torch.topk for several rows, numpy for one or without torch; wide rows
+    # take numpy's strided-group two-stage path). topk: ties at the cut go to the lower columns, so exactly the
+    # first kk of a stable sort by descending score, whatever the partial sort kept of a tie. Few distinct levels
+    # make many ties, -inf masks too.
     rng = np.random.default_rng(seed)
     scores = rng.integers(0, levels, (n, b)).astype(np.float32) if levels else rng.standard_normal((n, b), np.float32)
     scores[rng.random((n, b)) < 0.3] = -np.inf
     with pytest.MonkeyPatch.context() as mp:
         if not with_torch:
             mp.setattr(scoring, "_torch", lambda: None)
+        unsorted = scoring.topk_unsorted(scores, min(kk, b))
         pos, vals = scoring.topk(scores, kk)
+    for some_pos, some_vals in (unsorted, scoring._topk_numpy(scores, min(kk, b))):
+        assert some_pos.shape == some_vals.shape == (n, min(kk, b)) and some_pos.dtype == np.int64
+        np.testing.assert_array_equal(np.take_along_axis(scores, some_pos, axis=1), some_vals)
+        for i in range(n):
+            assert len(set(some_pos[i].tolist())) == min(kk, b)
+            np.testing.assert_array_equal(np.sort(some_vals[i]), np.sort(scores[i])[b - min(kk, b) :])
     ref = np.argsort(-scores, axis=1, kind="stable")[:, : min(kk, b)]
     np.testing.assert_array_equal(pos, ref)
     np.testing.assert_array_equal(vals, np.take_along_axis(scores, ref, axis=1))
