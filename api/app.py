@@ -158,7 +158,7 @@ class ServiceError(Exception):
 class Service:
     """A loaded :class:`Predictor`, its micro-batcher, and what ``/info`` reports about it."""
 
-    def __init__(self, predictor: Predictor, settings: Settings, *, in_flight: Callable[[], int] | None = None) -> None:
+    def __init__(self, predictor: Predictor, settings: Settings, *, arriving: Callable[[], int] | None = None) -> None:
         self.predictor, self.settings = predictor, settings
         self.control_mean = {ct: cells.mean(0).astype(np.float32) for ct, cells in predictor.controls.items()}
         self.gene_column = {g: j for j, g in enumerate(predictor.genes)}
@@ -168,8 +168,9 @@ class Service:
             max_items=settings.batch_max_items,
             max_wait_s=settings.batch_wait_ms / 1000,
             init=self._limit_threads,
-            # Requests inside the app that have not submitted their items yet: worth waiting for.
-            expected=None if in_flight is None else lambda: in_flight() - self.batcher.outstanding,
+            # Requests inside the app that have not submitted their items yet: worth waiting for. (Not those whose
+            # results are being sent: a lone client's next request arrives while its last one is still finishing.)
+            expected=arriving,
             name="ptrag-model",
         )
         self.static_info = self._static_info()
@@ -276,7 +277,7 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 def _load(app: FastAPI, settings: Settings) -> None:
     loader: Callable[[Settings], Predictor] = app.state.loader
     try:
-        service = Service(loader(settings), settings, in_flight=app.state.predict_requests.count)
+        service = Service(loader(settings), settings, arriving=app.state.predict_requests.count)
     except Exception as err:  # reported by /readyz; the process keeps answering /healthz
         app.state.load_error = f"{type(err).__name__}: {err}"
         logger.exception("could not load the model %s", settings.checkpoint)
@@ -385,7 +386,9 @@ async def predict(body: PredictRequest, request: Request, service: ServiceDep, s
     )
     prepare = functools.partial(_prepare, body, service)
     items, warnings = await run_in_threadpool(prepare) if heavy else prepare()
-    predictions = await service.batcher.run(items)
+    future = service.batcher.submit(items)
+    request.state.submitted()  # no longer on its way to the batcher: in its queue
+    predictions = await asyncio.wrap_future(future)
     render = functools.partial(_render, body, request, service.predictor, items, predictions, warnings)
     return await run_in_threadpool(render) if heavy else render()
 
@@ -561,10 +564,22 @@ class Gauge:
 
 class RequestContext:
     """ASGI middleware: a request id per request (echoed as ``X-Request-ID``), one JSON access-log line, and the
-    count of ``POST /predict`` requests in progress (``predict_requests``, which the micro-batcher reads)."""
+    count of ``POST /predict`` requests that have not handed their items to the micro-batcher yet
+    (``predict_requests``, which the batcher reads to decide whether more work is on its way)."""
 
     def __init__(self, app: Any, predict_requests: Gauge) -> None:
         self.app, self.predict_requests = app, predict_requests
+
+    def _submitted_once(self) -> Callable[[], None]:
+        done = False
+
+        def submitted() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.predict_requests.add(-1)
+
+        return submitted
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -584,14 +599,14 @@ class RequestContext:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
-        counted = scope["method"] == "POST" and scope["path"] == "/predict"
-        if counted:
+        if scope["method"] == "POST" and scope["path"] == "/predict":
             self.predict_requests.add(1)
+            state["submitted"] = self._submitted_once()  # the endpoint calls it as its items reach the batcher
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            if counted:
-                self.predict_requests.add(-1)
+            if "submitted" in state:
+                state["submitted"]()  # a request that failed before the batcher
             line = {
                 "request_id": request_id,
                 "method": scope["method"],

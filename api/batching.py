@@ -42,6 +42,7 @@ class _Job(Generic[T, R]):
 
 
 _STOP = object()
+_POLL_S = 0.0005  # how often a waiting worker looks at ``expected`` again
 
 
 class MicroBatcher(Generic[T, R]):
@@ -58,9 +59,10 @@ class MicroBatcher(Generic[T, R]):
     init
         Called once on the worker thread before the first call (e.g. to set torch's thread count there).
     expected
-        How many more jobs are known to be on their way (e.g. requests being read and validated, not yet
-        submitted). When it says 0 as a call starts, the worker does not wait for company: a lone request pays no
-        ``max_wait_s``. None: always wait.
+        How many more jobs may be on their way (e.g. requests in the server that have not submitted, or whose
+        results are being sent back). The worker waits for company only while it says more than 0 (looking again
+        every 0.5 ms), and never past ``max_wait_s``: a lone request pays no wait, and a call starts as soon as
+        the last request that could join it has. None: always wait ``max_wait_s``.
 
     Counters (``stats``): ``calls`` made, ``items`` processed, ``jobs`` completed, ``multi_job_calls`` (calls that
     served more than one job), ``largest_call`` (most items in one call).
@@ -142,13 +144,19 @@ class MicroBatcher(Generic[T, R]):
                 break
             jobs: list[_Job[T, R]] = [first]  # type: ignore[list-item]
             n = len(jobs[0].items)
-            alone = self._expected is not None and self._expected() <= 0  # no other job on its way: do not wait
-            deadline = time.monotonic() + (0 if alone else self.max_wait_s)
+            deadline = time.monotonic() + self.max_wait_s
             while n < self.max_items:
                 remaining = deadline - time.monotonic()
+                if remaining > 0 and self._expected is not None and self._expected() <= 0:
+                    remaining = 0  # no other job on its way: take the ones already waiting and run
                 try:  # past the deadline, still take the jobs that are already waiting
-                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                    if remaining <= 0:
+                        nxt = self._queue.get_nowait()
+                    else:  # in short steps, to see ``expected`` fall
+                        nxt = self._queue.get(timeout=min(remaining, _POLL_S) if self._expected else remaining)
                 except queue.Empty:
+                    if remaining > 0:
+                        continue
                     break
                 if nxt is _STOP or n + len(nxt.items) > self.max_items:  # type: ignore[union-attr]
                     carry = nxt

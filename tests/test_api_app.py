@@ -353,6 +353,29 @@ def test_unknown_gene_is_422_with_suggestions(client, model) -> None:
     }
 
 
+def test_the_batcher_waits_only_for_requests_that_have_not_submitted(model) -> None:
+    # The count the micro-batcher reads: requests on their way to it. It goes up while a request is read and
+    # checked, down as its items reach the batcher's queue (not when its response is sent: a lone client's next
+    # request would otherwise see the last one still counted and wait for it), and down for requests that fail
+    # before reaching the batcher.
+    seen: list[int] = []
+    with TestClient(create_app(settings_for(model, batch_wait_ms=2000))) as c:
+        gauge = c.app.state.predict_requests
+        batcher = c.app.state.service.batcher
+        fn = batcher.fn
+        batcher.fn = lambda items: seen.append(gauge.count()) or fn(items)
+        start = time.perf_counter()
+        for seed in range(3):
+            r = c.post("/predict", json={"cell_type": SEEN, "perturbations": [model.genes[0]], "seed": seed})
+            assert r.status_code == 200
+        elapsed = time.perf_counter() - start
+        assert _error(c.post("/predict", json={"cell_type": "nope", "perturbations": [model.genes[0]]}), 422)
+        assert _error(c.post("/predict", json={"cell_type": SEEN, "perturbations": ["NOPE1"]}), 422)
+        assert gauge.count() == 0
+    assert seen == [0, 0, 0]  # nothing else on its way when each call ran
+    assert elapsed < 3.0  # no request sat out the 2 s window
+
+
 def test_unknown_cell_type_and_batch_are_422(client, model) -> None:
     r = client.post("/predict", json={"cell_type": "K562", "perturbations": [model.genes[0]]})
     assert _error(r, 422) == {

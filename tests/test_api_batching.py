@@ -95,6 +95,23 @@ def test_no_wait_when_no_other_job_is_expected() -> None:
         batcher.close()
 
 
+def test_wait_ends_when_the_last_expected_job_is_no_longer_on_its_way() -> None:
+    # One request in the pipeline (say, its response being sent): the worker waits for company while it is,
+    # then runs at once instead of sitting out max_wait_s.
+    on_their_way = [1]
+    batcher = MicroBatcher(Recorder(), max_items=64, max_wait_s=5.0, expected=lambda: on_their_way[0])
+    try:
+        release = threading.Timer(0.3, lambda: on_their_way.__setitem__(0, 0))
+        release.start()
+        start = time.perf_counter()
+        assert batcher([3], timeout=10) == [9]
+        waited = time.perf_counter() - start
+        release.join()
+    finally:
+        batcher.close()
+    assert 0.25 < waited < 2.0  # waited while one was on its way, not the 5 s window
+
+
 def test_a_failing_job_does_not_fail_the_others() -> None:
     fn = Recorder()
     batcher = MicroBatcher(fn, max_items=64, max_wait_s=0.2)
