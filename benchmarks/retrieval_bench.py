@@ -12,7 +12,7 @@ Not a test. One run measures, on this machine:
 
 Timings are interleaved across methods (blocks of calls, alternating) and summarised by the median and the
 minimum, so that load from other processes on a shared machine hits every method alike; the report records the
-load average and the other processes' share of the CPU during each part. The full run takes about 5 minutes.
+load average and the other processes' share of the CPU during each part. The full run takes about 8 minutes.
 
 Usage::
 
@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     p.add_argument("--dim", type=int, default=1536)
     p.add_argument("--k", type=int, default=16)
-    p.add_argument("--min-time", type=float, default=2.0, help="seconds of rounds per (size, batch), at least")
+    p.add_argument("--min-time", type=float, default=4.0, help="seconds of rounds per (size, batch), at least")
     p.add_argument("--max-passes", type=int, default=40)
     p.add_argument("--knob-size", type=int, default=20_000)
     p.add_argument("--http-size", type=int, default=20_000)
