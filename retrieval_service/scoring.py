@@ -27,6 +27,8 @@ __all__ = ["GROUP", "TORCH_MIN_QUERIES", "score_matrix", "topk", "topk_unsorted"
 
 TORCH_MIN_QUERIES = 2  # from here on torch's product and top-k; a single query stays with numpy
 GROUP = 32  # columns per group in numpy's two-stage top-k of wide score rows
+TORCH_GROUP = 8  # the same for torch's, which takes it from TORCH_TWO_STAGE_MIN_ROWS rows
+TORCH_TWO_STAGE_MIN_ROWS = 128
 
 
 @functools.cache
@@ -104,11 +106,23 @@ def topk_unsorted(scores: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     if b <= kk:
         return np.broadcast_to(np.arange(b), (n, b)), scores
     torch = _torch() if n >= TORCH_MIN_QUERIES else None
-    if torch is not None:
-        with torch.inference_mode():
-            vals, pos = torch.topk(torch.from_numpy(scores), kk, dim=1, sorted=False)  # (n, kk) each
-        return pos.numpy(), vals.numpy()
-    return _topk_numpy(scores, kk)
+    if torch is None:
+        return _topk_numpy(scores, kk)
+    with torch.inference_mode():
+        s = torch.from_numpy(scores)
+        if n < TORCH_TWO_STAGE_MIN_ROWS or b < 8 * kk * TORCH_GROUP:
+            vals, pos = torch.topk(s, kk, dim=1, sorted=False)  # (n, kk) each
+            return pos.numpy(), vals.numpy()
+        # Two stages over strided groups, as in _topk_numpy: ~0.8 vs 1.1 ms at 256 x 2,000, 1.8 vs 6.2 ms at
+        # 256 x 20,000 (k=17, two threads); slower than one topk for few rows.
+        m = b // TORCH_GROUP
+        group_max = s[:, : m * TORCH_GROUP].view(n, TORCH_GROUP, m).amax(dim=1)  # (n, m)
+        top = torch.topk(group_max, kk, dim=1, sorted=False).indices  # (n, kk) groups
+        cols = (top[:, :, None] + torch.arange(TORCH_GROUP) * m).reshape(n, kk * TORCH_GROUP)
+        if m * TORCH_GROUP < b:  # the last columns are in no group: always candidates
+            cols = torch.cat([cols, torch.arange(m * TORCH_GROUP, b).expand(n, b - m * TORCH_GROUP)], dim=1)
+        vals, pos = torch.topk(torch.gather(s, 1, cols), kk, dim=1, sorted=False)
+        return torch.gather(cols, 1, pos).numpy(), vals.numpy()
 
 
 def _topk_numpy(scores: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:

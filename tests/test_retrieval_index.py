@@ -270,6 +270,22 @@ def test_topk_is_the_head_of_the_stable_sort(n: int, b: int, kk: int, seed: int,
         np.testing.assert_array_equal(scoring.topk(scores[i : i + 1], kk)[0][0], pos[i])
 
 
+@pytest.mark.parametrize(("b", "kk", "levels"), [(2000, 17, 0), (2000, 17, 3), (4099, 5, 40), (1100, 16, 2)])
+def test_topk_of_many_rows_matches_the_stable_sort(b: int, kk: int, levels: int) -> None:
+    # 128 rows or more of wide scores take torch's two-stage path; the settled result is still the stable sort's head
+    rng = np.random.default_rng(b + kk)
+    n = scoring.TORCH_TWO_STAGE_MIN_ROWS + 3
+    scores = rng.integers(0, levels, (n, b)).astype(np.float32) if levels else rng.standard_normal((n, b), np.float32)
+    scores[rng.random((n, b)) < 0.2] = -np.inf
+    scores[::2, -1] = 1e30  # the best score in the last column (outside every group when b is not a multiple)
+    pos, vals = scoring.topk_unsorted(scores, kk)
+    np.testing.assert_array_equal(np.sort(vals, axis=1), np.sort(scores, axis=1)[:, b - kk :])
+    np.testing.assert_array_equal(np.take_along_axis(scores, pos, axis=1), vals)
+    assert all(len(set(row.tolist())) == kk for row in pos)
+    ref = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+    np.testing.assert_array_equal(scoring.topk(scores, kk)[0], ref)
+
+
 def test_duplicated_keys_give_the_same_ids_alone_and_in_a_batch() -> None:
     # One gene perturbed in several cell types is one key stored several times: a tie at the k-th place must go to
     # the lower ids whether the query comes alone (numpy) or in a batch (torch), on every exact path.
