@@ -23,7 +23,15 @@ from types import ModuleType
 
 import numpy as np
 
-__all__ = ["GROUP", "TORCH_MIN_QUERIES", "score_matrix", "topk", "topk_unsorted"]
+__all__ = [
+    "GROUP",
+    "TORCH_GROUP",
+    "TORCH_MIN_QUERIES",
+    "TORCH_TWO_STAGE_MIN_ROWS",
+    "score_matrix",
+    "topk",
+    "topk_unsorted",
+]
 
 TORCH_MIN_QUERIES = 2  # from here on torch's product and top-k; a single query stays with numpy
 GROUP = 32  # columns per group in numpy's two-stage top-k of wide score rows
