@@ -386,9 +386,8 @@ async def predict(body: PredictRequest, request: Request, service: ServiceDep, s
     )
     prepare = functools.partial(_prepare, body, service)
     items, warnings = await run_in_threadpool(prepare) if heavy else prepare()
-    future = service.batcher.submit(items)
-    request.state.submitted()  # no longer on its way to the batcher: in its queue
-    predictions = await asyncio.wrap_future(future)
+    # Once queued, the request is no longer one the batcher should wait for.
+    predictions = await service.batcher.run(items, on_submit=request.state.submitted)
     render = functools.partial(_render, body, request, service.predictor, items, predictions, warnings)
     return await run_in_threadpool(render) if heavy else render()
 

@@ -117,9 +117,12 @@ class MicroBatcher(Generic[T, R]):
         """Submit and wait (from a worker thread, e.g. a FastAPI ``def`` endpoint)."""
         return self.submit(items).result(timeout)
 
-    async def run(self, items: Sequence[T]) -> list[R]:
-        """Submit and await (from the event loop)."""
-        return await asyncio.wrap_future(self.submit(items))
+    async def run(self, items: Sequence[T], *, on_submit: Callable[[], None] | None = None) -> list[R]:
+        """Submit and await (from the event loop); ``on_submit`` is called once the job is in the queue."""
+        future = self.submit(items)
+        if on_submit is not None:
+            on_submit()
+        return await asyncio.wrap_future(future)
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish the calls already gathered, fail the jobs still queued, stop the worker."""
@@ -152,8 +155,9 @@ class MicroBatcher(Generic[T, R]):
                 try:  # past the deadline, still take the jobs that are already waiting
                     if remaining <= 0:
                         nxt = self._queue.get_nowait()
-                    else:  # in short steps, to see ``expected`` fall
-                        nxt = self._queue.get(timeout=min(remaining, _POLL_S) if self._expected else remaining)
+                    else:  # in short steps when there is an ``expected`` to watch fall
+                        step = remaining if self._expected is None else min(remaining, _POLL_S)
+                        nxt = self._queue.get(timeout=step)
                 except queue.Empty:
                     if remaining > 0:
                         continue

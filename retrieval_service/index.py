@@ -761,11 +761,8 @@ class RetrievalIndex:
             best_p = np.take_along_axis(best_p, pos, axis=1)
         if best_s is None:  # no candidate at all
             best_s, best_p = np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+        # Already best first, equal scores in position order (topk), which is id order: cand is ascending.
         ids = best_p if cand is None else cand[best_p]
-        # Best first, equal scores in id order: a stable order for callers.
-        order = np.lexsort((ids, -best_s), axis=1)
-        best_s = np.take_along_axis(best_s, order, axis=1)
-        ids = np.take_along_axis(ids, order, axis=1)
         if kk < k:
             best_s = np.pad(best_s, ((0, 0), (0, k - kk)), constant_values=-np.inf)
             ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)

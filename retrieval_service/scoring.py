@@ -85,15 +85,14 @@ def topk(scores: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         order = np.lexsort((pos, -row[pos]))  # best first, equal scores in column order
         pos = _settle_cut(row, pos[order], kk)
         return pos[None].astype(np.int64, copy=False), row[pos][None]
-    pos, _ = topk_unsorted(scores, m)  # (n, m)
-    vals = np.take_along_axis(scores, pos, axis=1)
+    pos, vals = topk_unsorted(scores, m)  # (n, m) each
     order = np.lexsort((pos, -vals), axis=1)
-    pos, vals = np.take_along_axis(pos, order, axis=1), np.take_along_axis(vals, order, axis=1)
+    pos, vals = np.take_along_axis(pos, order, axis=1), np.take_along_axis(vals, order, axis=1)  # own copies
     if kk < m:
         for r in np.flatnonzero(vals[:, kk - 1] == vals[:, kk]):  # a tie at the cut
             pos[r, :kk] = _settle_cut(scores[r], pos[r], kk)
-    pos = np.ascontiguousarray(pos[:, :kk]).astype(np.int64, copy=False)
-    return pos, np.take_along_axis(scores, pos, axis=1)
+            vals[r, :kk] = scores[r, pos[r, :kk]]
+    return np.ascontiguousarray(pos[:, :kk]).astype(np.int64, copy=False), np.ascontiguousarray(vals[:, :kk])
 
 
 def _settle_cut(row: np.ndarray, pos: np.ndarray, kk: int) -> np.ndarray:
