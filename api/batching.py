@@ -63,6 +63,12 @@ class MicroBatcher(Generic[T, R]):
         results are being sent back). The worker waits for company only while it says more than 0 (looking again
         every 0.5 ms), and never past ``max_wait_s``: a lone request pays no wait, and a call starts as soon as
         the last request that could join it has. None: always wait ``max_wait_s``.
+    grace_s
+        With ``expected``: once it says 0, how much longer to wait while the call holds fewer jobs than the one
+        before it (never past ``max_wait_s``). Clients that send their next request as soon as they have their
+        answer (a batch client with bounded concurrency, a load test) are out of the server for a moment between
+        two requests, where no count sees them; the previous call's size says how many usually come back. A lone
+        client's calls hold one job each, so it never waits.
 
     Counters (``stats``): ``calls`` made, ``items`` processed, ``jobs`` completed, ``multi_job_calls`` (calls that
     served more than one job), ``largest_call`` (most items in one call).
@@ -76,12 +82,15 @@ class MicroBatcher(Generic[T, R]):
         max_wait_s: float = 0.002,
         init: Callable[[], None] | None = None,
         expected: Callable[[], int] | None = None,
+        grace_s: float = 0.0,
         name: str = "micro-batcher",
     ) -> None:
-        if max_items < 1 or max_wait_s < 0:
-            msg = f"need max_items >= 1 and max_wait_s >= 0, got {max_items} and {max_wait_s}"
+        if max_items < 1 or max_wait_s < 0 or grace_s < 0:
+            msg = f"need max_items >= 1, max_wait_s >= 0 and grace_s >= 0, got {max_items}, {max_wait_s}, {grace_s}"
             raise ValueError(msg)
         self.fn, self.max_items, self.max_wait_s, self._init, self._expected = fn, max_items, max_wait_s, init, expected
+        self.grace_s = grace_s
+        self._last_jobs = 0  # jobs in the previous call: how many the grace waits for
         self._queue: queue.SimpleQueue[_Job[T, R] | object] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
@@ -117,12 +126,9 @@ class MicroBatcher(Generic[T, R]):
         """Submit and wait (from a worker thread, e.g. a FastAPI ``def`` endpoint)."""
         return self.submit(items).result(timeout)
 
-    async def run(self, items: Sequence[T], *, on_submit: Callable[[], None] | None = None) -> list[R]:
-        """Submit and await (from the event loop); ``on_submit`` is called once the job is in the queue."""
-        future = self.submit(items)
-        if on_submit is not None:
-            on_submit()
-        return await asyncio.wrap_future(future)
+    async def run(self, items: Sequence[T]) -> list[R]:
+        """Submit and await (from the event loop)."""
+        return await asyncio.wrap_future(self.submit(items))
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish the calls already gathered, fail the jobs still queued, stop the worker."""
@@ -148,10 +154,15 @@ class MicroBatcher(Generic[T, R]):
             jobs: list[_Job[T, R]] = [first]  # type: ignore[list-item]
             n = len(jobs[0].items)
             deadline = time.monotonic() + self.max_wait_s
+            grace_end = None  # set when nothing more is expected
             while n < self.max_items:
                 remaining = deadline - time.monotonic()
                 if remaining > 0 and self._expected is not None and self._expected() <= 0:
-                    remaining = 0  # no other job on its way: take the ones already waiting and run
+                    if len(jobs) >= self._last_jobs:
+                        remaining = 0  # no other job on its way: take the ones already waiting and run
+                    else:  # fewer than last time: the missing clients may be about to send again
+                        grace_end = time.monotonic() + self.grace_s if grace_end is None else grace_end
+                        remaining = min(remaining, grace_end - time.monotonic())
                 try:  # past the deadline, still take the jobs that are already waiting
                     if remaining <= 0:
                         nxt = self._queue.get_nowait()
@@ -167,6 +178,7 @@ class MicroBatcher(Generic[T, R]):
                     break
                 jobs.append(nxt)  # type: ignore[arg-type]
                 n += len(nxt.items)  # type: ignore[union-attr]
+            self._last_jobs = len(jobs)
             self._run([j for j in jobs if j.future.set_running_or_notify_cancel()])
         self._fail_queued()
 

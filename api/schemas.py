@@ -119,6 +119,7 @@ class Limits(BaseModel):
     max_perturbations: int
     max_cells: int
     batch_wait_ms: float
+    batch_grace_ms: float
     batch_max_items: int
 
 

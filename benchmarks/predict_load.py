@@ -284,8 +284,10 @@ def machine() -> str:
 def serve_and_load(args, checkpoint: Path, workers: int, threads: int, log: Path) -> tuple[dict, str, str, list]:
     """One server (``workers`` uvicorn processes, PTRAG_MODEL_THREADS=threads, 0: the libraries' default): every
     client count in turn."""
-    env = {"PTRAG_CHECKPOINT": str(checkpoint), "PTRAG_INDEX_DIR": str(args.index),
-           "PTRAG_BATCH_WAIT_MS": str(args.batch_wait_ms), "PTRAG_DEVICE": args.device}  # fmt: skip
+    env = {"PTRAG_CHECKPOINT": str(checkpoint), "PTRAG_INDEX_DIR": str(args.index), "PTRAG_DEVICE": args.device}
+    for name, value in (("PTRAG_BATCH_WAIT_MS", args.batch_wait_ms), ("PTRAG_BATCH_GRACE_MS", args.batch_grace_ms)):
+        if value is not None:
+            env[name] = str(value)
     if threads:
         env["PTRAG_MODEL_THREADS"] = str(threads)
     from api.affinity import pins_workers  # as `ptrag serve --pin-cores` decides
@@ -345,7 +347,8 @@ def main() -> None:
     )
     ap.add_argument("--pin-cores", choices=["auto", "on", "off"], default="auto",
                     help="PTRAG_PIN_CORES, as `ptrag serve --pin-cores` sets it")  # fmt: skip
-    ap.add_argument("--batch-wait-ms", type=float, default=2.0)
+    ap.add_argument("--batch-wait-ms", type=float, default=None, help="PTRAG_BATCH_WAIT_MS (default: the server's)")
+    ap.add_argument("--batch-grace-ms", type=float, default=None, help="PTRAG_BATCH_GRACE_MS (default: the server's)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="the server's PTRAG_DEVICE")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every client count per server")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
@@ -384,7 +387,9 @@ def write_report(args, command, info, cell_type, gene, results, rows, note, befo
         f"Machine: {before} before the run, {after.split(', load average ')[1]} after (shared with other jobs).",
         f"Model: {info['model_variant']}, {info['n_genes']} genes, {len(info['cell_types'])} cell types, store "
         f"{info['retrieval']}; checkpoint step {info['checkpoint_step']}.",
-        f"Server: `uvicorn api.app:app --workers N` in its own process(es), PTRAG_BATCH_WAIT_MS={args.batch_wait_ms}, "
+        f"Server: `uvicorn api.app:app --workers N` in its own process(es), "
+        f"PTRAG_BATCH_WAIT_MS={info['limits']['batch_wait_ms']}, "
+        f"PTRAG_BATCH_GRACE_MS={info['limits']['batch_grace_ms']}, "
         f"PTRAG_BATCH_MAX_ITEMS={info['limits']['batch_max_items']}; workers and PTRAG_MODEL_THREADS as in the table "
         f"(each worker loads the model and runs its own micro-batcher); model on `{info['device']}`; "
         f"`--pin-cores {args.pin_cores}`: {pinning} (api/affinity.py).",

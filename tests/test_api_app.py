@@ -158,7 +158,13 @@ def test_healthz_readyz_and_info(client, model, predictor) -> None:
         "validation_value": pytest.approx(state["best_val"]),
         "retrieval": str(model.run / "index"),
         "device": resolve_device("auto"),
-        "limits": {"max_perturbations": 4, "max_cells": 100, "batch_wait_ms": 2.0, "batch_max_items": 64},
+        "limits": {
+            "max_perturbations": 4,
+            "max_cells": 100,
+            "batch_wait_ms": 10.0,
+            "batch_grace_ms": 2.0,
+            "batch_max_items": 64,
+        },
     }
     assert client.get("/openapi.json").json()["paths"].keys() == {"/healthz", "/readyz", "/info", "/predict"}
     assert client.get("/docs").status_code == 200
@@ -353,17 +359,16 @@ def test_unknown_gene_is_422_with_suggestions(client, model) -> None:
     }
 
 
-def test_the_batcher_waits_only_for_requests_that_have_not_submitted(model) -> None:
-    # The count the micro-batcher reads: requests on their way to it. It goes up while a request is read and
-    # checked, down as its items reach the batcher's queue (not when its response is sent: a lone client's next
-    # request would otherwise see the last one still counted and wait for it), and down for requests that fail
-    # before reaching the batcher.
+def test_the_batcher_counts_requests_until_their_answer_is_handed_over(model) -> None:
+    # What the micro-batcher reads: /predict requests in the server and not in its queue. A request counts from
+    # arrival until the last part of its response is handed to the server (not after: a lone client's next request
+    # would find its last one still counted and wait for it), and requests that fail count until their error is sent.
     seen: list[int] = []
-    with TestClient(create_app(settings_for(model, batch_wait_ms=2000))) as c:
+    with TestClient(create_app(settings_for(model, batch_wait_ms=2000, batch_grace_ms=2000))) as c:
         gauge = c.app.state.predict_requests
         batcher = c.app.state.service.batcher
         fn = batcher.fn
-        batcher.fn = lambda items: seen.append(gauge.count()) or fn(items)
+        batcher.fn = lambda items: seen.append((gauge.count(), batcher._expected())) or fn(items)
         start = time.perf_counter()
         for seed in range(3):
             r = c.post("/predict", json={"cell_type": SEEN, "perturbations": [model.genes[0]], "seed": seed})
@@ -371,8 +376,9 @@ def test_the_batcher_waits_only_for_requests_that_have_not_submitted(model) -> N
         elapsed = time.perf_counter() - start
         assert _error(c.post("/predict", json={"cell_type": "nope", "perturbations": [model.genes[0]]}), 422)
         assert _error(c.post("/predict", json={"cell_type": SEEN, "perturbations": ["NOPE1"]}), 422)
+        assert c.get("/healthz").status_code == 200
         assert gauge.count() == 0
-    assert seen == [0, 0, 0]  # nothing else on its way when each call ran
+    assert seen == [(1, 0)] * 3  # each call: its own request in the server, nothing else expected
     assert elapsed < 3.0  # no request sat out the 2 s window
 
 

@@ -112,6 +112,54 @@ def test_wait_ends_when_the_last_expected_job_is_no_longer_on_its_way() -> None:
     assert 0.25 < waited < 2.0  # waited while one was on its way, not the 5 s window
 
 
+def _a_call_of_three(batcher: MicroBatcher, on_their_way: list[int]) -> None:
+    """Three jobs gathered while one more is announced, then run together: the call sizes the next grace."""
+    on_their_way[0] = 1
+    futures = [batcher.submit([i]) for i in (1, 2, 3)]
+    on_their_way[0] = 0
+    assert [f.result(5) for f in futures] == [[1], [4], [9]]
+
+
+@pytest.mark.parametrize("grace_s", [0.0, 0.6])
+def test_grace_waits_for_as_many_jobs_as_the_previous_call_held(grace_s: float) -> None:
+    on_their_way = [0]
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_items=64, max_wait_s=5.0, expected=lambda: on_their_way[0], grace_s=grace_s)
+    try:
+        _a_call_of_three(batcher, on_their_way)
+        start = time.perf_counter()
+        first = batcher.submit([5])
+        time.sleep(0.2)  # a client between two requests: in no count
+        second = batcher.submit([6])
+        assert first.result(5) == [25] and second.result(5) == [36]
+        took = time.perf_counter() - start
+    finally:
+        batcher.close()
+    assert fn.calls[0] == [1, 2, 3]
+    if grace_s:  # two of the three came back within the grace: one call, run when the grace ended (not 5 s)
+        assert fn.calls[1:] == [[5, 6]] and 0.5 < took < 2.0
+    else:
+        assert fn.calls[1:] == [[5], [6]]
+
+
+def test_grace_never_delays_a_lone_client_nor_passes_max_wait() -> None:
+    on_their_way = [0]
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_items=64, max_wait_s=0.3, expected=lambda: on_their_way[0], grace_s=5.0)
+    try:
+        for i in range(3):  # one job per call: the grace waits for one, which is there
+            start = time.perf_counter()
+            assert batcher([i], timeout=5) == [i * i]
+            assert time.perf_counter() - start < 0.25
+        _a_call_of_three(batcher, on_their_way)
+        start = time.perf_counter()
+        assert batcher([4], timeout=5) == [16]  # fewer than last time: waits, but max_wait_s, not the 5 s grace
+        assert 0.25 < time.perf_counter() - start < 2.0
+    finally:
+        batcher.close()
+    assert fn.calls == [[0], [1], [2], [1, 2, 3], [4]]
+
+
 def test_a_failing_job_does_not_fail_the_others() -> None:
     fn = Recorder()
     batcher = MicroBatcher(fn, max_items=64, max_wait_s=0.2)

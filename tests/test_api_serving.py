@@ -107,7 +107,8 @@ def test_ptrag_serve_passes_flags_as_settings(model, monkeypatch, capsys) -> Non
     assert (settings.checkpoint, settings.index_dir, settings.device) == (model.checkpoint, model.run / "index", "cpu")
     assert settings.max_perturbations == 3 and settings.api_key.get_secret_value() == "k3y"
     assert settings.retrieval_url is None and settings.embeddings is None
-    assert settings.max_cells == 4096 and settings.batch_wait_ms == 2.0 and settings.batch_max_items == 64
+    assert (settings.max_cells, settings.batch_max_items) == (4096, 64)
+    assert (settings.batch_wait_ms, settings.batch_grace_ms) == (10.0, 2.0)
     with serve(served["app"]) as url, httpx.Client(base_url=url, timeout=30) as client:
         ready = client.get("/readyz")
         while ready.json()["status"] == "loading":
