@@ -174,6 +174,14 @@ def retrieve_candidates(
     (the ``random_retrieval`` control) the K ids are drawn uniformly from the store instead. Pairs whose genes
     lack an embedding cannot be queried: they are left out with a warning naming them.
     """
+    unique = list(dict.fromkeys(pairs))
+    if not random_candidates and len(unique) < len(pairs):
+        # A pair asked more than once (a micro-batch of requests for one gene): search once, repeat its row.
+        once = retrieve_candidates(store, unique, cell_types=cell_types, k=k, control_label=control_label)
+        row = {p: r for r, p in enumerate(once.pairs)}
+        kept = [p for p in pairs if p in row]
+        idx = [row[p] for p in kept]
+        return QuerySet(pairs=kept, cell_type=once.cell_type[idx], query=once.query[idx], cand_ids=once.cand_ids[idx])
     rng = np.random.default_rng(0) if rng is None else rng
     labels = [p for _, p in pairs]
     keys, ok, missing = perturbation_keys(labels, store.index.embeddings, control_label=control_label)

@@ -266,6 +266,31 @@ def test_no_held_out_pair_is_ever_a_candidate(run_dir, tmp_path):
             assert not (qs.cand_ids == own[:, None]).any()
 
 
+def test_a_pair_asked_twice_is_searched_once(run_dir, monkeypatch):
+    from model.examples import retrieve_candidates
+    from retrieval_service.store import Store
+
+    split = Split.load(run_dir / "split.json")
+    store = Store.open(run_dir / "index")
+    cell_types = sorted({c for c, _ in split.train} | {c for c, _ in split.test})
+    a, b, c = split.test[:3]
+    pairs = [a, b, a, c, b, a, ("rpe1", "NOT_A_GENE"), a]
+    searched = []
+    search = store.search
+    monkeypatch.setattr(
+        store, "search", lambda keys, *args, **kw: searched.append(len(keys)) or search(keys, *args, **kw)
+    )
+    with pytest.warns(UserWarning, match="NOT_A_GENE"):
+        qs = retrieve_candidates(store, pairs, cell_types=cell_types, k=8)
+    assert searched == [3]  # a, b, c once each
+    assert qs.pairs == [a, b, a, c, b, a, a]  # the unknown gene left out, the order kept
+    alone = {p: retrieve_candidates(store, [p], cell_types=cell_types, k=8) for p in (a, b, c)}
+    for r, p in enumerate(qs.pairs):
+        np.testing.assert_array_equal(qs.cand_ids[r], alone[p].cand_ids[0])
+        np.testing.assert_array_equal(qs.query[r], alone[p].query[0])
+        assert qs.cell_type[r] == alone[p].cell_type[0]
+
+
 def test_optional_batch_input(run_dir, tmp_path):
     import anndata as ad
 
