@@ -182,8 +182,8 @@ class Service:
             init=self._limit_threads,
             # /predict requests in the server and not in the batcher: being read and checked, or being answered
             # (whose clients, under load, often send their next request at once). Measured with 16 clients on two
-            # workers: calls of ~7 perturbations instead of ~4 when only the first kind was counted, ~10% less CPU
-            # per request (benchmarks/predict_load.py).
+            # workers, this count with the grace and a 10 ms cap against the first kind only with a 2 ms cap: passes
+            # of 6-7.5 perturbations instead of ~4, 218-332 vs 196-257 requests/s (benchmarks/predict_load.py).
             expected=None if in_server is None else lambda: in_server() - self.batcher.outstanding,
             grace_s=settings.batch_grace_ms / 1000,
             name="ptrag-model",
