@@ -28,9 +28,9 @@ __all__ = [
     "TORCH_GROUP",
     "TORCH_MIN_QUERIES",
     "TORCH_TWO_STAGE_MIN_ROWS",
+    "partial_topk",
     "score_matrix",
     "topk",
-    "topk_unsorted",
 ]
 
 TORCH_MIN_QUERIES = 2  # from here on torch's product and top-k; a single query stays with numpy
@@ -85,7 +85,7 @@ def topk(scores: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         order = np.lexsort((pos, -row[pos]))  # best first, equal scores in column order
         pos = _settle_cut(row, pos[order], kk)
         return pos[None].astype(np.int64, copy=False), row[pos][None]
-    pos, vals = topk_unsorted(scores, m, descending=True)  # (n, m) each, best first: fresh arrays
+    pos, vals = partial_topk(scores, m)  # (n, m) each, best first: fresh arrays
     # Equal scores among a row's best go to column order. Only rows that have them are sorted again: sorting every
     # row by (score, column) took a third of the top-k at 256 x 2,000 (0.5 of 1.5 ms).
     tied = np.flatnonzero((vals[:, 1:] == vals[:, :-1]).any(axis=1))
@@ -110,31 +110,29 @@ def _settle_cut(row: np.ndarray, pos: np.ndarray, kk: int) -> np.ndarray:
     return np.concatenate([above, np.flatnonzero(row == cut)[: kk - above.size]])
 
 
-def topk_unsorted(scores: np.ndarray, kk: int, *, descending: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Column positions (int64) and values of ``kk`` largest per row of ``(n, b)`` scores, in no order, or with
-    ``descending`` best first (as fresh arrays); which of several entries tied at the cut are kept, and the order
-    of equal values, are unspecified (see :func:`topk`)."""
+def partial_topk(scores: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column positions (int64) and values of ``kk`` largest per row of ``(n, b)`` scores, best first, as fresh
+    arrays; which of several entries tied at the cut are kept, and the order of equal values, are unspecified (see
+    :func:`topk`)."""
     n, b = scores.shape
     if b <= kk:
         pos, vals = np.broadcast_to(np.arange(b), (n, b)), scores
     else:
         torch = _torch() if n >= TORCH_MIN_QUERIES else None
         if torch is not None:
-            return _topk_torch(torch, scores, kk, descending=descending)
+            return _topk_torch(torch, scores, kk)
         pos, vals = _topk_numpy(scores, kk)
-    if not descending:
-        return pos, vals
     order = np.argsort(-vals, axis=1)
     return np.take_along_axis(pos, order, axis=1), np.take_along_axis(vals, order, axis=1)
 
 
-def _topk_torch(torch: ModuleType, scores: np.ndarray, kk: int, *, descending: bool) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`topk_unsorted` with torch, for ``kk < b``."""
+def _topk_torch(torch: ModuleType, scores: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`partial_topk` with torch, for ``kk < b``."""
     n, b = scores.shape
     with torch.inference_mode():
         s = torch.from_numpy(scores)
         if n < TORCH_TWO_STAGE_MIN_ROWS or b < 8 * kk * TORCH_GROUP:
-            vals, pos = torch.topk(s, kk, dim=1, sorted=descending)  # (n, kk) each
+            vals, pos = torch.topk(s, kk, dim=1, sorted=True)  # (n, kk) each
             return pos.numpy(), vals.numpy()
         # Two stages over strided groups, as in _topk_numpy: ~0.8 vs 1.1 ms at 256 x 2,000, 1.8 vs 6.2 ms at
         # 256 x 20,000 (k=17, two threads); slower than one topk for few rows.
@@ -144,12 +142,12 @@ def _topk_torch(torch: ModuleType, scores: np.ndarray, kk: int, *, descending: b
         cols = (top[:, :, None] + torch.arange(TORCH_GROUP) * m).reshape(n, kk * TORCH_GROUP)
         if m * TORCH_GROUP < b:  # the last columns are in no group: always candidates
             cols = torch.cat([cols, torch.arange(m * TORCH_GROUP, b).expand(n, b - m * TORCH_GROUP)], dim=1)
-        vals, pos = torch.topk(torch.gather(s, 1, cols), kk, dim=1, sorted=descending)
+        vals, pos = torch.topk(torch.gather(s, 1, cols), kk, dim=1, sorted=True)
         return torch.gather(cols, 1, pos).numpy(), vals.numpy()
 
 
 def _topk_numpy(scores: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`topk_unsorted` in numpy.
+    """``kk`` largest per row in numpy, in no order (:func:`partial_topk` sorts them).
 
     Wide rows take two stages, about 8x faster than one ``argpartition`` at 200k columns. The columns are
     split into ``m`` groups ``{c, c+m, c+2m, ...}``; the ``kk`` groups with the largest maxima hold ``kk``

@@ -243,19 +243,20 @@ def test_ann_recall(spec: IndexSpec, min_recall: float) -> None:
     with_torch=st.booleans(),
 )
 def test_topk_is_the_head_of_the_stable_sort(n: int, b: int, kk: int, seed: int, levels: int, with_torch: bool) -> None:
-    # topk_unsorted: some kk largest per row (torch.topk for several rows, numpy for one or without torch; wide rows
-    # take numpy's strided-group two-stage path). topk: ties at the cut go to the lower columns, so exactly the
-    # first kk of a stable sort by descending score, whatever the partial sort kept of a tie. Few distinct levels
-    # make many ties, -inf masks too.
+    # partial_topk: some kk largest per row, best first (torch.topk for several rows, numpy for one or without
+    # torch; wide rows take numpy's strided-group two-stage path). topk: ties at the cut go to the lower columns,
+    # so exactly the first kk of a stable sort by descending score, whatever the partial sort kept of a tie. Few
+    # distinct levels make many ties, -inf masks too.
     rng = np.random.default_rng(seed)
     scores = rng.integers(0, levels, (n, b)).astype(np.float32) if levels else rng.standard_normal((n, b), np.float32)
     scores[rng.random((n, b)) < 0.3] = -np.inf
     with pytest.MonkeyPatch.context() as mp:
         if not with_torch:
             mp.setattr(scoring, "_torch", lambda: None)
-        unsorted = scoring.topk_unsorted(scores, min(kk, b))
+        partial = scoring.partial_topk(scores, min(kk, b))
         pos, vals = scoring.topk(scores, kk)
-    for some_pos, some_vals in (unsorted, scoring._topk_numpy(scores, min(kk, b))):
+    assert (partial[1][:, 1:] <= partial[1][:, :-1]).all()  # best first
+    for some_pos, some_vals in (partial, scoring._topk_numpy(scores, min(kk, b))):
         assert some_pos.shape == some_vals.shape == (n, min(kk, b)) and some_pos.dtype == np.int64
         np.testing.assert_array_equal(np.take_along_axis(scores, some_pos, axis=1), some_vals)
         for i in range(n):
@@ -278,7 +279,8 @@ def test_topk_of_many_rows_matches_the_stable_sort(b: int, kk: int, levels: int)
     scores = rng.integers(0, levels, (n, b)).astype(np.float32) if levels else rng.standard_normal((n, b), np.float32)
     scores[rng.random((n, b)) < 0.2] = -np.inf
     scores[::2, -1] = 1e30  # the best score in the last column (outside every group when b is not a multiple)
-    pos, vals = scoring.topk_unsorted(scores, kk)
+    pos, vals = scoring.partial_topk(scores, kk)
+    assert (vals[:, 1:] <= vals[:, :-1]).all()  # best first
     np.testing.assert_array_equal(np.sort(vals, axis=1), np.sort(scores, axis=1)[:, b - kk :])
     np.testing.assert_array_equal(np.take_along_axis(scores, pos, axis=1), vals)
     assert all(len(set(row.tolist())) == kk for row in pos)
